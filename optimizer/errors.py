@@ -1,0 +1,74 @@
+"""Errors a user can cause, each with the exit code the command line returns for it.
+
+Every message names the file, field or stage at fault and says what to do; the CLI prints it on one
+line and shows a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_STAGE_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INPUT_REJECTED = 3
+EXIT_GATE_FAILED = 4
+EXIT_RESOURCE = 5
+EXIT_LOCKED = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    ok
+  1    a stage failed inside a library (the message names the stage)
+  2    usage or recipe error (nothing was run)
+  3    input rejected: unsafe, corrupt or incompatible checkpoint, model or data
+  4    a gate failed: accuracy budget, export fidelity, NaN outputs (report still written)
+  5    resource failure: disk full, out of memory
+  6    output folder locked by another run
+  130  interrupted"""
+
+
+class OptimizerError(Exception):
+    """Base class: a failure with a one-line, actionable message."""
+
+    exit_code: int = EXIT_STAGE_ERROR
+
+
+class RecipeError(OptimizerError):
+    """The recipe or the command line is wrong; found before any work starts."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputRejected(OptimizerError):
+    """A checkpoint, model file or data set is unsafe, corrupt or does not fit."""
+
+    exit_code = EXIT_INPUT_REJECTED
+
+
+class GateFailed(OptimizerError):
+    """A stage produced an artifact that breaks a budget or a fidelity check."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
+class StageError(OptimizerError):
+    """A pass failed while running; the message names the stage."""
+
+    exit_code = EXIT_STAGE_ERROR
+
+
+class ResourceFailure(OptimizerError):
+    """Disk full, out of memory, or a similar failure of the machine."""
+
+    exit_code = EXIT_RESOURCE
+
+
+class OutputLocked(OptimizerError):
+    """Another run holds the output folder."""
+
+    exit_code = EXIT_LOCKED
+
+
+class MissingDependency(OptimizerError):
+    """An optional package a stage needs is not installed."""
+
+    exit_code = EXIT_USAGE

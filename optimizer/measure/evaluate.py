@@ -1,0 +1,92 @@
+"""Runs the measurement worker for one artifact in a fresh process and collects its result."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optimizer.artifact import Artifact
+from optimizer.errors import OptimizerError, StageError
+
+if TYPE_CHECKING:
+    from optimizer.progress import Progress
+
+
+def worker_environment(threads: int, extra_paths: list[Path]) -> dict[str, str]:
+    env = dict(os.environ)
+    # The same thread settings for every stage; OpenMP and MKL pools obey these too.
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    paths = [str(p) for p in extra_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def evaluate_artifact(
+    artifact: Artifact,
+    *,
+    stage: str,
+    eval_npz: Path,
+    measurements_dir: Path,
+    threads: int,
+    latency: dict[str, Any],
+    accuracy_batch_size: int,
+    seed: int,
+    import_paths: list[Path],
+    progress: "Progress",
+    runtime_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    measurements_dir.mkdir(parents=True, exist_ok=True)
+    request = {
+        "artifact": str(artifact.path),
+        "eval_npz": str(eval_npz),
+        "threads": threads,
+        "latency": latency,
+        "accuracy_batch_size": accuracy_batch_size,
+        "seed": seed,
+        "runtime_options": runtime_options or {},
+        "result_json": str(measurements_dir / "result.json"),
+        "predictions_npy": str(measurements_dir / "predictions.npy"),
+        "raw_times_npy": str(measurements_dir / "latency_ms.npy"),
+    }
+    request_path = measurements_dir / "request.json"
+    request_path.write_text(json.dumps(request, indent=2))
+    result_path = Path(request["result_json"])
+    result_path.unlink(missing_ok=True)
+
+    output_tail: list[str] = []
+    process = subprocess.Popen(
+        [sys.executable, "-m", "optimizer.measure.worker", str(request_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=worker_environment(threads, import_paths),
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("@@progress "):
+                _, phase, fraction = line.split()
+                progress.update(f"measure: {phase}", float(fraction))
+            else:
+                output_tail = (output_tail + [line.rstrip()])[-20:]
+        process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    if not result_path.is_file():
+        detail = next((l for l in reversed(output_tail) if l.strip()), f"exit code {process.returncode}")
+        raise StageError(f"stage '{stage}': the measurement process died ({detail[:200]})")
+    result = json.loads(result_path.read_text())
+    if not result.get("ok"):
+        error = OptimizerError(f"stage '{stage}': measuring the artifact failed: {result['error']}")
+        error.exit_code = result.get("exit_code", 1)
+        raise error
+    result.pop("ok")
+    result["raw_times_file"] = str(Path(request["raw_times_npy"]))
+    return result

@@ -1,0 +1,193 @@
+"""Loading models from untrusted files, safely.
+
+Weights come from safetensors or from a state dict read with ``torch.load(weights_only=True)``; a file
+that needs full unpickling is refused, never retried without the guard. A ``torch.export`` program
+(.pt2) is loaded with ``torch.export.load``. ONNX models are checked by path, and their external data
+must stay inside the model's folder, before onnxruntime or OpenVINO opens them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from optimizer.errors import InputRejected, RecipeError
+from optimizer.registry import import_object
+
+if TYPE_CHECKING:
+    import torch
+
+STATE_DICT_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
+
+
+# ------------------------------------------------------------------------------------------- torch
+
+
+def build_architecture(factory: str, kwargs: dict[str, Any], *, where: str = "model.factory") -> "torch.nn.Module":
+    import torch
+
+    builder = import_object(factory, where=where)
+    if not callable(builder):
+        raise RecipeError(f"{where}: '{factory}' is not callable")
+    try:
+        module = builder(**kwargs)
+    except TypeError as exc:
+        raise RecipeError(f"{where}: {factory}(**model.kwargs) failed: {exc}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise RecipeError(f"{where}: '{factory}' returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
+    """Read weights from .safetensors or a .pt/.pth state dict, with no code execution possible."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        raise InputRejected(f"{path}: checkpoint not found")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputRejected(f"{path}: not a valid safetensors file ({exc})") from None
+    if suffix not in STATE_DICT_SUFFIXES:
+        raise InputRejected(
+            f"{path}: unknown checkpoint type '{suffix}'; use .safetensors, a .pt/.pth state dict, .pt2 or .onnx"
+        )
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise InputRejected(
+            f"{path}: refused: the file holds more than tensors and loading it could run code ({first[:160]}); "
+            "save model.state_dict() (or safetensors) instead"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise InputRejected(f"{path}: not a readable PyTorch state dict ({str(exc).splitlines()[0][:160]})") from None
+    return _unwrap_state_dict(loaded, path)
+
+
+def _unwrap_state_dict(loaded: Any, path: Path) -> dict[str, "torch.Tensor"]:
+    import torch
+
+    # Training scripts often save {"state_dict": ..., "epoch": ...} or {"model": ...}; accept those.
+    if isinstance(loaded, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = loaded.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+        if loaded and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()):
+            return loaded
+    raise InputRejected(f"{path}: not a state dict (a mapping from parameter names to tensors)")
+
+
+def load_weights(module: "torch.nn.Module", state: dict[str, "torch.Tensor"], *, where: str) -> None:
+    """Load strictly, with one message that lists every missing, unexpected and mismatched key."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k} {list(state[k].shape)} vs model {list(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise InputRejected(
+            f"{where}: checkpoint does not fit the architecture ({'; '.join(parts)}); "
+            "check model.factory and model.kwargs"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def load_program(path: Path) -> "torch.nn.Module":
+    import torch
+
+    if not path.is_file():
+        raise InputRejected(f"{path}: program not found")
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch raises many types for a foreign or corrupt archive
+        raise InputRejected(f"{path}: not a torch.export program ({str(exc).splitlines()[0][:160]})") from None
+    return program.module()
+
+
+def count_parameters(module: "torch.nn.Module") -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -------------------------------------------------------------------------------------------- onnx
+
+
+def check_onnx_external_data(model_path: Path) -> list[Path]:
+    """Return the external-data files of an ONNX model, refusing any that leave the model's folder.
+
+    Reads only the graph structure (no tensor data), so a crafted location is caught before any
+    runtime follows it. Refuses absolute paths, '..', symbolic links and hard links.
+    """
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and others on garbage
+        raise InputRejected(f"{model_path}: not a readable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+    folder = model_path.parent.resolve()
+    files: set[Path] = set()
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = ExternalDataInfo(tensor).location
+        where = f"{model_path}: tensor '{tensor.name}' external data '{location}'"
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or location.startswith(("/", "\\")):
+            raise InputRejected(f"{where} points outside the model's folder; refused")
+        candidate = model_path.parent / location
+        if candidate.is_symlink():
+            raise InputRejected(f"{where} is a symbolic link; refused (copy the data file in place)")
+        if not candidate.is_file():
+            raise InputRejected(f"{where} does not exist next to the model")
+        if candidate.resolve().parent != folder and folder not in candidate.resolve().parents:
+            raise InputRejected(f"{where} resolves outside the model's folder; refused")
+        if candidate.stat().st_nlink > 1:
+            raise InputRejected(f"{where} is a hard link; refused (copy the data file in place)")
+        files.add(candidate)
+    return sorted(files)
+
+
+def check_onnx_model(model_path: Path) -> list[Path]:
+    """Full check of an ONNX file from outside: external data confined, then onnx.checker by path."""
+    import onnx
+
+    if not model_path.is_file():
+        raise InputRejected(f"{model_path}: ONNX model not found")
+    data_files = check_onnx_external_data(model_path)
+    try:
+        # By path, so models over 2 GB (external data) are checked too.
+        onnx.checker.check_model(str(model_path))
+    except (onnx.checker.ValidationError, Exception) as exc:
+        raise InputRejected(f"{model_path}: ONNX checker rejected the model: {str(exc).splitlines()[0][:200]}") from None
+    return data_files
+
+
+def copy_onnx_model(model_path: Path, dest_dir: Path, name: str = "model.onnx") -> Path:
+    """Copy a checked ONNX model and its external data into ``dest_dir`` (as regular files)."""
+    data_files = check_onnx_model(model_path)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / name
+    shutil.copyfile(model_path, dest)
+    for data in data_files:
+        target = dest_dir / data.relative_to(model_path.parent)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data, target)
+    return dest

@@ -1,0 +1,115 @@
+"""The Pass contract: a named, configured step from one artifact form to another."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from optimizer.artifact import FORMS, Artifact
+
+if TYPE_CHECKING:
+    from optimizer.data.provider import DataProvider
+    from optimizer.progress import Progress
+    from optimizer.recipe import LoadedRecipe
+
+DataNeed = Literal["calibration", "train", "eval"]
+PASS_NAME_PATTERN = r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$"
+
+
+class PassConfig(BaseModel):
+    """Base for pass configurations: unknown keys are errors, so a typo never passes silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides its input artifact."""
+
+    stage: str
+    work_dir: Path
+    """An empty folder: the pass writes its output artifact's files here."""
+    recipe: "LoadedRecipe"
+    data: "DataProvider"
+    progress: "Progress"
+    threads: int
+    seed: int
+    artifacts: dict[str, Artifact] = field(default_factory=dict)
+    """Artifacts of the stages already run, by stage name ('baseline' first)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Stage-specific facts the pass wants in the report (e.g. export fidelity)."""
+
+
+class Pass(ABC):
+    """Subclass, set the class attributes, define ``Config`` and implement ``run``.
+
+    ``run`` must write a complete artifact into ``ctx.work_dir`` and return its handle; the runner
+    hashes and publishes it, then measures it. Raise ``GateFailed`` when the result breaks a check.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    input_forms: ClassVar[tuple[str, ...]]
+    output_form: ClassVar[str]
+    needs: ClassVar[tuple[DataNeed, ...]] = ()
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[PassConfig]] = PassConfig
+
+    def __init__(self, config: PassConfig | dict[str, Any] | None = None):
+        if config is None or isinstance(config, dict):
+            config = self.Config.model_validate(config or {})
+        self.config = config
+
+    @abstractmethod
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        """Turn ``artifact`` into a new artifact written under ``ctx.work_dir``."""
+
+    def new_artifact(self, source: Artifact, ctx: PassContext, *, entry: str, form: str | None = None,
+                     meta: dict[str, Any] | None = None, facts: dict[str, Any] | None = None) -> Artifact:
+        """The output handle with lineage filled in (parent hash, pass, version, config)."""
+        return Artifact(
+            form=form or self.output_form,
+            path=ctx.work_dir,
+            entry=entry,
+            inputs=list(source.inputs),
+            meta=meta or {},
+            facts=facts or {},
+            lineage={
+                "parent": source.sha256,
+                "stage": ctx.stage,
+                "pass": self.name,
+                "pass_version": self.version,
+                "config": self.config.model_dump(mode="json"),
+            },
+        )
+
+
+def check_pass_class(cls: type[Pass]) -> None:
+    """Raise TypeError when a Pass subclass breaks the static rules of the contract."""
+    problems = []
+    for attr in ("name", "summary", "input_forms", "output_form"):
+        if not hasattr(cls, attr):
+            problems.append(f"missing class attribute '{attr}'")
+    if problems:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}: {'; '.join(problems)}")
+    if not re.fullmatch(PASS_NAME_PATTERN, cls.name):
+        problems.append(f"name '{cls.name}' must be lower-case words joined by dots, e.g. 'prune.magnitude'")
+    unknown = [f for f in (*cls.input_forms, cls.output_form) if f not in FORMS]
+    if unknown:
+        problems.append(f"unknown forms {unknown}; known: {list(FORMS)}")
+    if not cls.input_forms:
+        problems.append("input_forms is empty")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, BaseModel)):
+        problems.append("Config must be a pydantic model (subclass optimizer.PassConfig)")
+    elif cls.Config.model_config.get("extra") != "forbid":
+        problems.append("Config must forbid unknown keys (subclass optimizer.PassConfig)")
+    bad_needs = [n for n in cls.needs if n not in ("calibration", "train", "eval")]
+    if bad_needs:
+        problems.append(f"unknown data needs {bad_needs}")
+    if problems:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}: {'; '.join(problems)}")

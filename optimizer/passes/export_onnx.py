@@ -1,0 +1,129 @@
+"""export.onnx: torch -> ONNX, verified against the torch model on real evaluation inputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from optimizer.artifact import Artifact
+from optimizer.errors import GateFailed, StageError
+from optimizer.passes.base import Pass, PassConfig, PassContext
+
+# The dynamo exporter emits opset 18 and newer; the TorchScript exporter goes down to 9.
+MIN_OPSET = {"dynamo": 18, "torchscript": 9}
+# Models above this size go to external data: protobuf cannot hold more than 2 GiB.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def max_supported_opset() -> int:
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+class ExportOnnxConfig(PassConfig):
+    opset: int = Field(default=18, description="ONNX opset (18 or newer with the dynamo exporter).")
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        default="dynamo", description="torch.onnx exporter: 'dynamo' (torch.export based) or the legacy 'torchscript'."
+    )
+    dynamic_batch: bool = Field(default=True, description="Make the first dimension of every input dynamic.")
+    output_name: str = Field(default="output", description="Name of the model output.")
+    verify_samples: int = Field(default=256, ge=1, description="Eval samples compared between torch and ONNX.")
+    atol: float = Field(default=1e-4, ge=0, description="Absolute tolerance of the comparison.")
+    rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance of the comparison.")
+
+    @field_validator("opset")
+    @classmethod
+    def _known_opset(cls, value: int) -> int:
+        highest = max_supported_opset()
+        if not 9 <= value <= highest:
+            raise ValueError(f"opset {value} is not supported; use {MIN_OPSET['dynamo']}..{highest} "
+                             f"(or down to {MIN_OPSET['torchscript']} with exporter: torchscript)")
+        return value
+
+
+def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float, rtol: float) -> dict:
+    """Max absolute and relative difference, top-1 agreement, and whether allclose holds."""
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    scale = np.abs(reference).astype(np.float64)
+    rel = diff / np.maximum(scale, 1e-12)
+    within = bool(np.all(diff <= atol + rtol * scale))
+    agree = float((reference.reshape(len(reference), -1).argmax(-1) == candidate.reshape(len(candidate), -1).argmax(-1)).mean())
+    return {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float(rel.max()),
+        "top1_agreement": agree,
+        "samples": int(len(reference)),
+        "atol": atol,
+        "rtol": rtol,
+        "within_tolerance": within,
+    }
+
+
+class ExportOnnx(Pass):
+    name = "export.onnx"
+    summary = "Export to ONNX (dynamic batch) and check outputs against PyTorch on eval data."
+    input_forms = ("torch",)
+    output_form = "onnx"
+    needs = ("eval",)
+    Config = ExportOnnxConfig
+
+    def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
+        import torch
+
+        from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+        from optimizer.runtimes.torch_eager import TorchEagerRuntime
+
+        cfg: ExportOnnxConfig = self.config  # type: ignore[assignment]
+        if cfg.opset < MIN_OPSET[cfg.exporter]:
+            raise StageError(f"stage '{ctx.stage}': opset {cfg.opset} needs exporter: torchscript "
+                             f"(the dynamo exporter starts at {MIN_OPSET['dynamo']})")
+        eval_data = ctx.data.eval()
+        count = min(cfg.verify_samples, len(eval_data))
+        samples = eval_data.batch(0, count)
+        reference_runtime = TorchEagerRuntime(artifact, threads=ctx.threads)
+        module = reference_runtime.module
+        names = [spec.name for spec in artifact.inputs]
+        example = tuple(torch.from_numpy(samples[name][:2]) for name in names)
+        out_path = ctx.work_dir / "model.onnx"
+        ctx.progress.update(f"exporting ({cfg.exporter}, opset {cfg.opset})")
+        external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+        try:
+            if cfg.exporter == "dynamo":
+                batch = torch.export.Dim("batch")
+                dynamic = tuple({0: batch} for _ in names) if cfg.dynamic_batch else None
+                torch.onnx.export(
+                    module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
+                    opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
+                    verbose=False,
+                )
+            else:
+                axes = {name: {0: "batch"} for name in [*names, cfg.output_name]} if cfg.dynamic_batch else None
+                torch.onnx.export(
+                    module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
+                    opset_version=cfg.opset, dynamo=False, dynamic_axes=axes,
+                )
+        except Exception as exc:  # exporter failures come in many types; name the stage and the cause
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StageError(f"stage '{ctx.stage}': torch.onnx.export failed: {first[:300]}") from exc
+
+        result = self.new_artifact(artifact, ctx, entry="model.onnx",
+                                   meta={"opset": cfg.opset, "exporter": cfg.exporter},
+                                   facts={"precision": "fp32", "params": artifact.facts.get("params")})
+        ctx.progress.update("verifying against PyTorch")
+        reference = reference_runtime.run(samples)
+        candidate = OnnxRuntime(result, threads=ctx.threads).run(samples)
+        if reference.shape != candidate.shape:
+            raise GateFailed(f"stage '{ctx.stage}': ONNX output shape {candidate.shape} differs from PyTorch {reference.shape}")
+        fidelity = compare_outputs(reference, candidate, atol=cfg.atol, rtol=cfg.rtol)
+        ctx.details["fidelity"] = fidelity
+        if not fidelity["within_tolerance"]:
+            raise GateFailed(
+                f"stage '{ctx.stage}': exported model differs from PyTorch beyond tolerance "
+                f"(max abs diff {fidelity['max_abs_diff']:.3g}, atol {cfg.atol}, rtol {cfg.rtol}, "
+                f"top-1 agreement {fidelity['top1_agreement']:.1%}); check the model for data-dependent code, "
+                "or raise atol/rtol if the difference is expected"
+            )
+        return result

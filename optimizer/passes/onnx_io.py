@@ -1,0 +1,48 @@
+"""Helpers the ONNX-producing passes share: saving a model and drawing calibration samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from optimizer.errors import InputRejected
+
+if TYPE_CHECKING:
+    import onnx
+
+    from optimizer.data.datasets import ArrayData
+
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+def save_onnx(model: "onnx.ModelProto", path: Path) -> None:
+    """Save next to nothing else; only models near the 2 GiB protobuf limit get an external data file."""
+    import onnx
+
+    large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    onnx.save_model(model, str(path), save_as_external_data=large,
+                    location=path.name + ".data" if large else None)
+
+
+def load_onnx(path: Path) -> "onnx.ModelProto":
+    import onnx
+
+    from optimizer.models import check_onnx_external_data
+
+    check_onnx_external_data(path)
+    return onnx.load(str(path))
+
+
+def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str) -> list[dict[str, np.ndarray]]:
+    """``count`` single-sample inputs drawn with the seed; fewer available is an error, never silent."""
+    if len(data) == 0:
+        raise InputRejected(f"stage '{stage}': the calibration set is empty")
+    if count > len(data):
+        raise InputRejected(
+            f"stage '{stage}': asks for {count} calibration samples but data.calibration has {len(data)}; "
+            "lower subset_size or add samples"
+        )
+    index = np.sort(np.random.default_rng(seed).choice(len(data), size=count, replace=False))
+    return [{name: array[i : i + 1] for name, array in data.inputs.items()} for i in index]

@@ -1,0 +1,488 @@
+"""The recipe: what a user writes, validated before anything runs.
+
+A recipe is YAML, loaded with ``yaml.safe_load`` (a Python tag is an error, never code), checked against
+the pydantic models below, and then checked as a whole: pass names resolve, each stage's input form is
+the previous stage's output form, files and data exist. Every error names the file, the field path and,
+where the YAML gives it, the line; an unknown name gets a "did you mean".
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from optimizer.errors import RecipeError
+
+DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+STAGE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
+RESERVED_STAGE_NAMES = {"baseline", "final"}
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+class InputSpec(StrictModel):
+    """One model input. The first dimension is the batch and stays dynamic in exported models."""
+
+    name: str = "input"
+    shape: list[int] = Field(min_length=1, description="Shape with the batch first, e.g. [1, 1, 28, 28].")
+    dtype: Literal["float32", "float16", "int64", "int32", "uint8", "bool"] = "float32"
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, shape: list[int]) -> list[int]:
+        if any(d <= 0 for d in shape):
+            raise ValueError("every dimension must be a positive integer")
+        return shape
+
+
+class ModelSpec(StrictModel):
+    """Where the model comes from: an architecture plus weights, a torch.export program, or ONNX."""
+
+    factory: str | None = Field(
+        default=None,
+        description="Import path 'module:callable' that builds the architecture, "
+        "e.g. 'torchvision.models:resnet18' or 'my_pkg.models:Net'.",
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    checkpoint: str | None = Field(
+        default=None,
+        description="Weights: .safetensors, or a .pt/.pth state dict (loaded with weights_only=True); "
+        "a whole program from torch.export.save (.pt2); or an .onnx model. Relative to the recipe file.",
+    )
+    inputs: list[InputSpec] = Field(min_length=1, description="Model inputs, in call order.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_input(cls, data: Any) -> Any:
+        # `input:` (one mapping) is the common case; `inputs:` (a list) serves multi-input models.
+        if isinstance(data, dict) and "input" in data:
+            if "inputs" in data:
+                raise ValueError("give either 'input' or 'inputs', not both")
+            data = dict(data)
+            data["inputs"] = [data.pop("input")]
+        return data
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", value):
+            raise ValueError(f"'{value}' is not an import path 'module:callable'")
+        return value
+
+    @property
+    def source_kind(self) -> Literal["factory", "program", "onnx"]:
+        suffix = Path(self.checkpoint).suffix.lower() if self.checkpoint else ""
+        if suffix == ".onnx":
+            return "onnx"
+        if suffix == ".pt2":
+            return "program"
+        return "factory"
+
+    @property
+    def start_form(self) -> str:
+        return "onnx" if self.source_kind == "onnx" else "torch"
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class ImageTransform(StrictModel):
+    resize: int | None = Field(default=None, ge=1, description="Resize the shorter side to this many pixels.")
+    crop: int | None = Field(default=None, ge=1, description="Center-crop to a square of this size.")
+    channels: Literal[1, 3] | None = Field(default=None, description="Convert to 1 (gray) or 3 (RGB) channels.")
+    mean: list[float] | None = Field(default=None, description="Per-channel mean subtracted after scaling to [0, 1].")
+    std: list[float] | None = Field(default=None, description="Per-channel standard deviation divided by.")
+
+
+class _DataCommon(StrictModel):
+    samples: int | None = Field(
+        default=None, ge=1, description="Use this many samples, drawn with the recipe's seed (default: all)."
+    )
+
+
+class FashionMnistData(_DataCommon, ImageTransform):
+    dataset: Literal["fashion-mnist"]
+    split: Literal["train", "test"] = "test"
+    root: str = Field(default=DEFAULT_FASHION_MNIST_ROOT, description="Folder with the four IDX .gz files.")
+
+
+class ImageFolderData(_DataCommon, ImageTransform):
+    dataset: Literal["image-folder"]
+    root: str = Field(description="Folder with one sub-folder of images per class (sorted names = labels).")
+
+
+class NpzData(_DataCommon):
+    dataset: Literal["npz"]
+    path: str = Field(description="An .npz file (loaded with allow_pickle=False).")
+    inputs: dict[str, str] | str = Field(
+        default="x", description="Array key of the input, or a mapping input name -> key for several inputs."
+    )
+    labels: str = Field(default="y", description="Array key of the integer labels.")
+
+
+class PythonData(_DataCommon):
+    dataset: str = Field(pattern=r"^python:[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+def _dataset_tag(value: Any) -> str | None:
+    kind = value.get("dataset") if isinstance(value, dict) else getattr(value, "dataset", None)
+    if isinstance(kind, str) and kind.startswith("python:"):
+        return "python"
+    return kind
+
+
+DatasetSpec = Annotated[
+    Union[
+        Annotated[FashionMnistData, Tag("fashion-mnist")],
+        Annotated[ImageFolderData, Tag("image-folder")],
+        Annotated[NpzData, Tag("npz")],
+        Annotated[PythonData, Tag("python")],
+    ],
+    Discriminator(
+        _dataset_tag,
+        custom_error_type="unknown_dataset",
+        custom_error_message="unknown dataset kind; use fashion-mnist, image-folder, npz or python:module:callable",
+    ),
+]
+DATASET_KINDS = ["fashion-mnist", "image-folder", "npz", "python:module:callable"]
+
+
+class DataSection(StrictModel):
+    eval: DatasetSpec = Field(description="Evaluation data: accuracy of every stage is measured on it.")
+    calibration: DatasetSpec | None = Field(default=None, description="Calibration data for quantization.")
+    train: DatasetSpec | None = Field(default=None, description="Training data for distillation and fine-tuning.")
+
+
+# -------------------------------------------------------------------------------------------- evaluate
+
+
+class AccuracySpec(StrictModel):
+    metric: Literal["top1"] = "top1"
+    batch_size: int = Field(default=256, ge=1, description="Batch size used to run the eval set.")
+
+
+class LatencySpec(StrictModel):
+    threads: int = Field(default=1, ge=1, description="Threads for every runtime, the same for every stage.")
+    batch_size: int = Field(default=1, ge=1, description="Batch size of the single-stream latency measurement.")
+    throughput_batch_size: int = Field(default=32, ge=1, description="Batch size of the offline measurement.")
+    warmup_s: float = Field(default=1.0, ge=0, description="Warm-up time; at least 10 iterations always run.")
+    min_iterations: int = Field(default=1000, ge=10, description="Timed iterations, at least.")
+    min_duration_s: float = Field(default=3.0, ge=0, description="Timed seconds, at least.")
+    max_duration_s: float = Field(default=60.0, gt=0, description="Stop timing after this long, whatever the count.")
+    mode: Literal["full", "quick"] = Field(
+        default="full", description="'quick' uses few iterations (for tests); its figures are labelled as such."
+    )
+
+
+class EvaluateSection(StrictModel):
+    accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+
+
+class Budget(StrictModel):
+    accuracy_drop: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Largest allowed drop of top-1 accuracy versus the baseline, as a fraction (0.01 = 1 point).",
+    )
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+class Stage(StrictModel):
+    name: str = Field(pattern=STAGE_NAME_PATTERN, description="Unique stage name; its folder in artifacts/.")
+    pass_name: str = Field(alias="pass", description="Registered pass name, or 'python:module:Class'.")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="The pass's configuration.")
+    budget: Budget | None = Field(default=None, description="Overrides the recipe's budget for this stage.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_STAGE_NAMES:
+            raise ValueError(f"'{value}' is reserved; choose another stage name")
+        return value
+
+
+class Recipe(StrictModel):
+    name: str = Field(description="A short name for this recipe; shown in the report.")
+    description: str | None = None
+    seed: int = Field(default=0, description="Seed for data subsets, calibration and measurement inputs.")
+    model: ModelSpec
+    data: DataSection
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    budget: Budget = Field(default_factory=Budget)
+    stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> "Recipe":
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages.{index}.name: '{stage.name}' is used twice; stage names must be unique")
+            seen.add(stage.name)
+        return self
+
+
+# -------------------------------------------------------------------------------------------- loading
+
+
+class LoadedRecipe:
+    """A validated recipe plus where it came from (paths in it are relative to its folder)."""
+
+    def __init__(self, recipe: Recipe, source: Path | None, raw: dict[str, Any]):
+        self.recipe = recipe
+        self.source = source
+        self.raw = raw
+
+    @property
+    def base_dir(self) -> Path:
+        return self.source.parent if self.source else Path.cwd()
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p).resolve()
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "optimizer recipe"
+    return schema
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is read as YAML (so numbers, lists and booleans work)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text}: expected key.path=value, e.g. stages.0.with.opset=17")
+    key, value = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {text}: the key path is empty or has an empty part")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not overrides:
+        return raw
+    data = copy.deepcopy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else [_pair(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            node = _descend(node, part, ".".join(parts[: depth + 1]))
+        last = parts[-1]
+        if isinstance(node, list):
+            index = _list_index(node, last, key)
+            node[index] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"--set {'.'.join(parts)}: '{'.'.join(parts[:-1])}' is not a mapping or a list")
+    return data
+
+
+def _pair(text: str) -> tuple[str, Any]:
+    parts, value = parse_override(text)
+    return ".".join(parts), value
+
+
+def _descend(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, where)]
+    if isinstance(node, dict):
+        if part not in node or node[part] is None:
+            node[part] = {}
+        return node[part]
+    raise RecipeError(f"--set {where}: cannot descend into a {type(node).__name__}")
+
+
+def _list_index(node: list[Any], part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"--set {where}: '{part}' is not an index of a list of {len(node)} items")
+    return int(part)
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
+    """Read a recipe file with safe_load; also return the node tree, which knows line numbers."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else "?"
+        raise RecipeError(
+            f"{path}:{line}: tag not allowed ({exc.problem}); recipes are plain YAML, never code"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with at least 'name', 'model', 'data' and 'stages'")
+    return raw, node
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (or of its closest parent that exists)."""
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        if isinstance(node, yaml.MappingNode):
+            found = None
+            for key_node, value_node in node.value:
+                if key_node.value == str(part):
+                    found = (key_node, value_node)
+                    break
+            if found is None:
+                break
+            line = found[0].start_mark.line + 1
+            node = found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _known_names(model: type[BaseModel], seen: set[type] | None = None) -> set[str]:
+    """All field names and aliases reachable from a pydantic model (for "did you mean")."""
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return set()
+    seen.add(model)
+    names: set[str] = set()
+    for field_name, field in model.model_fields.items():
+        names.add(field.alias or field_name)
+        for sub in _models_in(field.annotation):
+            names |= _known_names(sub, seen)
+    return names
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    found: list[type[BaseModel]] = []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found.extend(_models_in(arg))
+    for meta in getattr(annotation, "__metadata__", ()) or ():
+        found.extend(_models_in(meta))
+    origin = getattr(annotation, "__origin__", None)
+    if origin is not None and origin is not annotation:
+        found.extend(_models_in(origin))
+    return found
+
+
+def suggest(name: str, candidates: list[str] | set[str]) -> str:
+    matches = difflib.get_close_matches(name, sorted(candidates), n=1, cutoff=0.6)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def format_validation_error(
+    exc: ValidationError,
+    *,
+    where: str,
+    node: yaml.Node | None,
+    prefix: tuple[Any, ...] = (),
+    known: set[str] | None = None,
+) -> str:
+    """One line for the first error; later ones are counted so the user fixes them in order."""
+    errors = exc.errors()
+    first = errors[0]
+    # The discriminated union puts the tag into loc ('fashion-mnist'); users never wrote it.
+    loc = prefix + tuple(p for p in first["loc"] if p not in ("fashion-mnist", "image-folder", "npz", "python"))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    line = _line_of(node, loc)
+    location = f"{where}:{line}" if line else where
+    if first["type"] == "extra_forbidden":
+        hint = suggest(str(loc[-1]), known or set())
+        message = f"unknown key '{loc[-1]}'{hint or '; see `optimizer schema` for the allowed keys'}"
+    elif first["type"] == "missing":
+        message = "required field is missing"
+    else:
+        message = first["msg"]
+        if first["type"] == "unknown_dataset":
+            given = first.get("input", {}).get("dataset") if isinstance(first.get("input"), dict) else None
+            if isinstance(given, str):
+                message = f"unknown dataset kind '{given}'{suggest(given, DATASET_KINDS)}"
+    more = f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    return f"{location}: {path}: {message}{more}"
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any] | Recipe,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> LoadedRecipe:
+    """Load and validate a recipe from a path, a mapping or a Recipe; apply ``--set`` overrides.
+
+    Validates the schema and every stage's pass configuration; `optimizer.validate` checks the rest.
+    """
+    from optimizer.registry import get_pass  # the registry imports pass modules; keep this module light
+
+    path: Path | None = None
+    node: yaml.Node | None = None
+    if isinstance(source, Recipe):
+        raw = source.model_dump(by_alias=True, exclude_none=True)
+    elif isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        path = Path(source).resolve()
+        raw, node = read_yaml(path)
+    where = str(path) if path else "recipe"
+    raw = apply_overrides(raw, overrides)
+    if overrides:
+        node = None  # line numbers no longer match the file for overridden values
+
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(
+            format_validation_error(exc, where=where, node=node, known=_known_names(Recipe))
+        ) from None
+
+    for index, stage in enumerate(recipe.stages):
+        pass_cls = get_pass(stage.pass_name, where=f"{where}: stages.{index}.pass")
+        try:
+            config = pass_cls.Config.model_validate(stage.with_)
+        except ValidationError as exc:
+            raise RecipeError(
+                format_validation_error(
+                    exc,
+                    where=where,
+                    node=node,
+                    prefix=("stages", index, "with"),
+                    known=_known_names(pass_cls.Config),
+                )
+            ) from None
+        stage.with_ = config.model_dump(mode="json")
+    return LoadedRecipe(recipe, path, raw)

@@ -1,0 +1,24 @@
+"""The stage table for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from optimizer.report.rows import COLUMNS, notes, stage_rows
+
+# The terminal is narrow: leave out the columns the Markdown report still has.
+_SHOWN = ["stage", "form", "precision", "size MB", "top-1 % (95% CI)", "Δ top-1 vs base", "p50 ms (95% CI)",
+          "p99 ms", "speedup vs base", "samples/s", "status"]
+
+
+def stage_table(report: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"{report['recipe']['name']}: {'PASSED' if report['passed'] else 'FAILED'}")
+    index = [COLUMNS.index(c) for c in _SHOWN]
+    for column in _SHOWN:
+        table.add_column(column, justify="left" if column in ("stage", "form", "precision", "status") else "right")
+    for row in stage_rows(report):
+        style = None if row[-1] == "ok" else "red"
+        table.add_row(*(row[i] for i in index), style=style)
+    return table, notes(report)

@@ -1,0 +1,48 @@
+"""A Runtime loads an artifact and runs numpy batches; accuracy and latency both go through it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from optimizer.artifact import Artifact
+
+
+class Runtime(ABC):
+    """One per artifact form. ``run`` takes inputs by name and returns the first output."""
+
+    name: str
+
+    def __init__(self, artifact: Artifact, *, threads: int):
+        self.artifact = artifact
+        self.threads = threads
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def settings(self) -> dict[str, Any]:
+        """Runtime settings recorded with every measurement."""
+        return {"runtime": self.name, "threads": self.threads}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources; the default does nothing."""
+
+
+RUNTIME_BY_FORM = {
+    "torch": "optimizer.runtimes.torch_eager:TorchEagerRuntime",
+    "onnx": "optimizer.runtimes.onnxruntime_cpu:OnnxRuntime",
+}
+
+
+def open_runtime(artifact: Artifact, *, threads: int, options: dict[str, Any] | None = None) -> Runtime:
+    """Open the runtime an artifact of this form is deployed on."""
+    from optimizer.errors import RecipeError
+    from optimizer.registry import import_object
+
+    target = RUNTIME_BY_FORM.get(artifact.form)
+    if target is None:
+        raise RecipeError(f"{artifact.path}: no runtime for the '{artifact.form}' form in this version")
+    cls = import_object(target, where=f"runtime for {artifact.form}")
+    return cls(artifact, threads=threads, **(options or {}))  # type: ignore[operator]

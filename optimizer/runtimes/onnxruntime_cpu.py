@@ -1,0 +1,56 @@
+"""onnxruntime with the CPU execution provider."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from optimizer.artifact import Artifact
+from optimizer.runtimes.base import Runtime
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+
+    def __init__(self, artifact: Artifact, *, threads: int, graph_optimization: str = "all"):
+        super().__init__(artifact, threads=threads)
+        import onnxruntime as ort
+
+        from optimizer.models import check_onnx_external_data
+
+        # Checked again here: an artifact folder may have been edited since it was written.
+        check_onnx_external_data(artifact.entry_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[graph_optimization]
+        self._graph_optimization = graph_optimization
+        self.session = ort.InferenceSession(str(artifact.entry_path), options, providers=["CPUExecutionProvider"])
+        self._version = ort.__version__
+        self._names = [i.name for i in self.session.get_inputs()]
+        self._output = self.session.get_outputs()[0].name
+        expected = [spec.name for spec in artifact.inputs]
+        if sorted(self._names) != sorted(expected):
+            from optimizer.errors import InputRejected
+
+            raise InputRejected(
+                f"{artifact.entry_path}: model inputs {self._names} differ from the recipe's inputs {expected}"
+            )
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run([self._output], {name: inputs[name] for name in self._names})[0]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "runtime": self.name,
+            "threads": self.threads,
+            "providers": self.session.get_providers(),
+            "graph_optimization": self._graph_optimization,
+            "onnxruntime": self._version,
+        }

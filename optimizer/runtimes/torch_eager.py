@@ -1,0 +1,54 @@
+"""PyTorch eager execution on the CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from optimizer.artifact import Artifact
+from optimizer.runtimes.base import Runtime
+
+
+def load_torch_module(artifact: Artifact):
+    """Rebuild the module of a torch artifact: factory + safetensors weights, or an exported program."""
+    from optimizer.models import build_architecture, load_program, load_weights, read_state_dict
+
+    kind = artifact.meta.get("kind")
+    if kind == "factory":
+        module = build_architecture(artifact.meta["factory"], artifact.meta.get("kwargs", {}),
+                                    where=f"{artifact.path}: factory")
+        load_weights(module, read_state_dict(artifact.entry_path), where=str(artifact.entry_path))
+    elif kind == "program":
+        module = load_program(artifact.entry_path)
+    else:
+        raise ValueError(f"{artifact.path}: unknown torch artifact kind {kind!r}")
+    return module.eval() if hasattr(module, "eval") and kind == "factory" else module
+
+
+class TorchEagerRuntime(Runtime):
+    name = "torch-eager"
+
+    def __init__(self, artifact: Artifact, *, threads: int):
+        super().__init__(artifact, threads=threads)
+        import torch
+
+        torch.set_num_threads(threads)
+        self._torch = torch
+        self.module = load_torch_module(artifact)
+        self._names = [spec.name for spec in artifact.inputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(inputs[name])) for name in self._names]
+            out = self.module(*args)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        elif isinstance(out, dict):
+            out = next(iter(out.values()))
+        return out.detach().numpy()
+
+    def settings(self) -> dict[str, Any]:
+        torch = self._torch
+        return {"runtime": self.name, "threads": torch.get_num_threads(), "torch": torch.__version__}

@@ -1,0 +1,129 @@
+"""Everything that can be checked about a recipe without running it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimizer.errors import InputRejected, RecipeError
+from optimizer.recipe import (
+    FashionMnistData,
+    ImageFolderData,
+    LoadedRecipe,
+    NpzData,
+    PythonData,
+)
+from optimizer.registry import get_pass
+
+
+@dataclass
+class Check:
+    what: str
+    detail: str
+
+
+def _data_root(spec, base: Path) -> Path | None:
+    raw = getattr(spec, "root", None) or getattr(spec, "path", None)
+    if raw is None:
+        return None
+    p = Path(raw).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def check_data_reachable(loaded: LoadedRecipe, split: str) -> str:
+    from optimizer.data.idx import fashion_mnist_files
+    from optimizer.registry import import_object
+
+    spec = getattr(loaded.recipe.data, split)
+    where = f"data.{split}"
+    root = _data_root(spec, loaded.base_dir)
+    if isinstance(spec, FashionMnistData):
+        try:
+            fashion_mnist_files(root, spec.split)
+        except InputRejected as exc:
+            raise RecipeError(f"{where}: {exc}") from None
+        return f"fashion-mnist {spec.split} at {root}"
+    if isinstance(spec, ImageFolderData):
+        if not root.is_dir():
+            raise RecipeError(f"{where}.root: folder {root} does not exist")
+        return f"image folder {root}"
+    if isinstance(spec, NpzData):
+        if not root.is_file():
+            raise RecipeError(f"{where}.path: file {root} does not exist")
+        return f"npz {root}"
+    if isinstance(spec, PythonData):
+        if not callable(import_object(spec.dataset.removeprefix("python:"), where=f"{where}.dataset")):
+            raise RecipeError(f"{where}.dataset: {spec.dataset} is not callable")
+        return spec.dataset
+    raise RecipeError(f"{where}: unsupported dataset")  # pragma: no cover
+
+
+def validate_recipe(loaded: LoadedRecipe, *, out: Path | None = None) -> list[Check]:
+    """Raise RecipeError on the first problem; return what was checked otherwise."""
+    recipe = loaded.recipe
+    checks = [Check("schema", f"recipe '{recipe.name}', {len(recipe.stages)} stages")]
+    model = recipe.model
+
+    # The model source.
+    if model.checkpoint is not None:
+        checkpoint = loaded.resolve(model.checkpoint)
+        if not checkpoint.is_file():
+            raise RecipeError(f"model.checkpoint: {checkpoint} not found; train or copy it there, or pass --checkpoint")
+        checks.append(Check("checkpoint", str(checkpoint)))
+    if model.source_kind == "factory":
+        if model.factory is None:
+            raise RecipeError("model.factory: needed to build the architecture for a state-dict checkpoint")
+        from optimizer.registry import import_object
+
+        if not callable(import_object(model.factory, where="model.factory")):
+            raise RecipeError(f"model.factory: '{model.factory}' is not callable")
+        checks.append(Check("factory", model.factory))
+    elif model.factory is not None:
+        raise RecipeError(f"model.factory: not used with a {model.source_kind} checkpoint; remove it")
+
+    # Forms chain, and data each pass needs exists.
+    form = model.start_form
+    chain = [form]
+    needs: set[str] = {"eval"}
+    for index, stage in enumerate(recipe.stages):
+        pass_cls = get_pass(stage.pass_name, where=f"stages.{index}.pass")
+        if form not in pass_cls.input_forms:
+            raise RecipeError(
+                f"stages.{index} ({stage.name}): pass '{pass_cls.name}' takes {'/'.join(pass_cls.input_forms)} "
+                f"but receives {form} from {'the model' if index == 0 else recipe.stages[index - 1].name}; "
+                "reorder the stages or add a conversion stage"
+            )
+        form = pass_cls.output_form
+        chain.append(form)
+        for need in pass_cls.needs:
+            if getattr(recipe.data, need) is None:
+                raise RecipeError(f"stages.{index} ({stage.name}): pass '{pass_cls.name}' needs data.{need}; add it")
+            needs.add(need)
+    checks.append(Check("forms", " -> ".join(chain)))
+
+    for split in sorted(needs):
+        checks.append(Check(f"data.{split}", check_data_reachable(loaded, split)))
+
+    if out is not None:
+        out = out.resolve()
+        inputs = [loaded.resolve(model.checkpoint)] if model.checkpoint else []
+        for split in needs:
+            root = _data_root(getattr(recipe.data, split), loaded.base_dir)
+            if root is not None:
+                inputs.append(root)
+        for source in inputs:
+            if out == source or source in out.parents:
+                raise RecipeError(f"--out {out}: the output folder is inside the input {source}; choose another")
+            if out in source.parents:
+                raise RecipeError(
+                    f"--out {out}: the input {source} lies inside the output folder, which a run replaces; "
+                    "copy the input elsewhere or choose another output folder"
+                )
+        checks.append(Check("output", str(out)))
+    return checks
+
+
+def validate_path(path: str | Path, overrides: list[str] | None = None) -> list[Check]:
+    from optimizer.recipe import load_recipe
+
+    return validate_recipe(load_recipe(path, overrides))
