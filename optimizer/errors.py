@@ -72,3 +72,11 @@ class MissingDependency(OptimizerError):
     """An optional package a stage needs is not installed."""
 
     exit_code = EXIT_USAGE
+
+
+def error_from_exit_code(code: int, message: str) -> OptimizerError:
+    """Rebuild an error reported by a child process (which can only pass its message and exit code)."""
+    for cls in (RecipeError, InputRejected, GateFailed, ResourceFailure, OutputLocked):
+        if cls.exit_code == code:
+            return cls(message)
+    return StageError(message)

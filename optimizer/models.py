@@ -9,6 +9,7 @@ must stay inside the model's folder, before onnxruntime or OpenVINO opens them.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -64,10 +65,12 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        # torch's message advises weights_only=False; we never do that, so quote only what it found.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
         raise InputRejected(
-            f"{path}: refused: the file holds more than tensors and loading it could run code ({first[:160]}); "
-            "save model.state_dict() (or safetensors) instead"
+            f"{path}: refused: the file holds {what}, and loading it could run code; "
+            "save model.state_dict() or safetensors instead"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputRejected(f"{path}: not a readable PyTorch state dict ({str(exc).splitlines()[0][:160]})") from None

@@ -34,8 +34,8 @@ STD = 0.3530
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_EPOCHS = 3
 BATCH_SIZE = 128
-MAX_LR = 0.1
-WEIGHT_DECAY = 5e-4
+MAX_LR = 4e-3
+WEIGHT_DECAY = 0.05
 EVAL_BATCH = 1000
 
 
@@ -96,13 +96,14 @@ def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int =
     # No weight decay on BN parameters and biases: decaying them only hurts at this scale.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=MAX_LR, momentum=0.9, nesterov=True)
+    # AdamW rather than SGD: with only a few epochs it converges faster and is far less
+    # sensitive to the peak learning rate (SGD at lr 0.1 stalled near 89% in 3 epochs).
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=MAX_LR)
     steps_per_epoch = len(train_images) // BATCH_SIZE  # drop the ragged last batch
     # OneCycle: warm-up then cosine anneal to ~0 is what makes a 3-epoch schedule converge.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, epochs=epochs,
-                                                    steps_per_epoch=steps_per_epoch, pct_start=0.25)
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.2)
 
     log(f"training small_resnet{MODEL_KWARGS} on {len(train_images)} images, {epochs} epochs, "
         f"batch {BATCH_SIZE}, {threads} threads, seed {seed}")
@@ -115,12 +116,12 @@ def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int =
         for step in range(steps_per_epoch):
             index = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
             x = _augment(train_images[index], rng).contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), train_labels[index], label_smoothing=0.1)
+            loss = F.cross_entropy(model(x), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total_loss += float(loss)
+            total_loss += loss.detach().item()
         accuracy = evaluate(model, test_images, test_labels)
         log(f"epoch {epoch}/{epochs}  loss {total_loss / steps_per_epoch:.4f}  "
             f"test acc {accuracy:.4f}  elapsed {time.perf_counter() - started:.1f}s")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.artifact import Artifact
-from optimizer.errors import OptimizerError, StageError
+from optimizer.errors import StageError, error_from_exit_code
 
 if TYPE_CHECKING:
     from optimizer.progress import Progress
@@ -21,7 +21,9 @@ def worker_environment(threads: int, extra_paths: list[Path]) -> dict[str, str]:
     # The same thread settings for every stage; OpenMP and MKL pools obey these too.
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
-    paths = [str(p) for p in extra_paths] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    # The worker must import what this process can (a user's model module, say): pass our sys.path on.
+    paths = [str(p) for p in extra_paths] + [p for p in sys.path if p and os.path.isdir(p)]
+    paths += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
@@ -84,9 +86,8 @@ def evaluate_artifact(
         raise StageError(f"stage '{stage}': the measurement process died ({detail[:200]})")
     result = json.loads(result_path.read_text())
     if not result.get("ok"):
-        error = OptimizerError(f"stage '{stage}': measuring the artifact failed: {result['error']}")
-        error.exit_code = result.get("exit_code", 1)
-        raise error
+        raise error_from_exit_code(result.get("exit_code", 1),
+                                   f"stage '{stage}': measuring the artifact failed: {result['error']}")
     result.pop("ok")
     result["raw_times_file"] = str(Path(request["raw_times_npy"]))
     return result

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Installs the package with its test dependencies and runs the fast test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh test
+.venv/bin/python -m pytest -m "not slow and not gpu" --timeout 900 "$@"
