@@ -68,6 +68,12 @@ class OutputLocked(OptimizerError):
     exit_code = EXIT_LOCKED
 
 
+class Interrupted(OptimizerError):
+    """Ctrl-C or SIGINT; the message names the stage that was running."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
 class MissingDependency(OptimizerError):
     """An optional package a stage needs is not installed."""
 

@@ -430,7 +430,7 @@ def format_validation_error(
     elif first["type"] == "missing":
         message = "required field is missing"
     else:
-        message = first["msg"]
+        message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "unknown_dataset":
             given = first.get("input", {}).get("dataset") if isinstance(first.get("input"), dict) else None
             if isinstance(given, str):
@@ -471,7 +471,8 @@ def load_recipe(
         ) from None
 
     for index, stage in enumerate(recipe.stages):
-        pass_cls = get_pass(stage.pass_name, where=f"{where}: stages.{index}.pass")
+        line = _line_of(node, ("stages", index, "pass"))
+        pass_cls = get_pass(stage.pass_name, where=f"{where}{f':{line}' if line else ''}: stages.{index}.pass")
         try:
             config = pass_cls.Config.model_validate(stage.with_)
         except ValidationError as exc:

@@ -19,7 +19,7 @@ import numpy as np
 
 from optimizer.artifact import Artifact
 from optimizer.data.provider import DataProvider
-from optimizer.errors import GateFailed, OptimizerError, OutputLocked, StageError
+from optimizer.errors import GateFailed, Interrupted, OptimizerError, OutputLocked, StageError
 from optimizer.measure.environment import fingerprint
 from optimizer.measure.evaluate import evaluate_artifact
 from optimizer.passes.base import PassContext
@@ -64,6 +64,7 @@ class Runner:
         self.out_dir = out_dir
         self.progress = progress
         self.threads = self.recipe.evaluate.latency.threads
+        self.current_stage = "baseline"
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> Report:
@@ -72,7 +73,11 @@ class Runner:
             staging = self.out_dir / f".staging-{uuid.uuid4().hex[:8]}"
             staging.mkdir()
             try:
-                report, error = self._run_stages(staging)
+                try:
+                    report, error = self._run_stages(staging)
+                except KeyboardInterrupt:
+                    raise Interrupted(f"interrupted during stage '{self.current_stage}'; outputs of earlier "
+                                      "runs are unchanged") from None
                 write_reports(report, staging)
                 _publish(staging, self.out_dir, include_final=report.passed)
             finally:
@@ -110,6 +115,7 @@ class Runner:
             if error is not None:
                 break
             pass_cls = get_pass(stage.pass_name, where=f"stages.{index - 2}.pass")
+            self.current_stage = stage.name
             self.progress.start_stage(index, total, stage.name, f"{pass_cls.name}: {pass_cls.summary}")
             stage_start = time.perf_counter()
             work_dir = artifacts_dir / stage.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed, StageError
@@ -13,21 +13,27 @@ from optimizer.passes.base import Pass, PassConfig, PassContext
 
 # The dynamo exporter emits opset 18 and newer; the TorchScript exporter goes down to 9.
 MIN_OPSET = {"dynamo": 18, "torchscript": 9}
-# Models above this size go to external data: protobuf cannot hold more than 2 GiB.
-EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-def max_supported_opset() -> int:
-    import onnx.defs
+def max_supported_opset(exporter: str) -> int:
+    """The highest opset this torch's exporter writes (torch keeps it in a private module; fall back to onnx)."""
+    try:
+        from torch.onnx import _constants
 
-    return int(onnx.defs.onnx_opset_version())
+        return int(_constants.ONNX_MAX_OPSET if exporter == "dynamo"
+                   else _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):
+        import onnx.defs
+
+        return int(onnx.defs.onnx_opset_version())
 
 
 class ExportOnnxConfig(PassConfig):
-    opset: int = Field(default=18, description="ONNX opset (18 or newer with the dynamo exporter).")
     exporter: Literal["dynamo", "torchscript"] = Field(
         default="dynamo", description="torch.onnx exporter: 'dynamo' (torch.export based) or the legacy 'torchscript'."
     )
+    # Declared after `exporter` so that its validator can see which exporter was chosen.
+    opset: int = Field(default=18, description="ONNX opset (18 or newer with the dynamo exporter).")
     dynamic_batch: bool = Field(default=True, description="Make the first dimension of every input dynamic.")
     output_name: str = Field(default="output", description="Name of the model output.")
     verify_samples: int = Field(default=256, ge=1, description="Eval samples compared between torch and ONNX.")
@@ -36,12 +42,16 @@ class ExportOnnxConfig(PassConfig):
 
     @field_validator("opset")
     @classmethod
-    def _known_opset(cls, value: int) -> int:
-        highest = max_supported_opset()
-        if not 9 <= value <= highest:
-            raise ValueError(f"opset {value} is not supported; use {MIN_OPSET['dynamo']}..{highest} "
-                             f"(or down to {MIN_OPSET['torchscript']} with exporter: torchscript)")
-        return value
+    def _known_opset(cls, opset: int, info: ValidationInfo) -> int:
+        exporter = info.data.get("exporter", "dynamo")
+        low, high = MIN_OPSET[exporter], max_supported_opset(exporter)
+        if not low <= opset <= high:
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise ValueError(
+                f"opset {opset} is not supported by the {exporter} exporter; use {low}..{high} "
+                f"(the {other} exporter takes {MIN_OPSET[other]}..{max_supported_opset(other)})"
+            )
+        return opset
 
 
 def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float, rtol: float) -> dict:
@@ -77,9 +87,6 @@ class ExportOnnx(Pass):
         from optimizer.runtimes.torch_eager import TorchEagerRuntime
 
         cfg: ExportOnnxConfig = self.config  # type: ignore[assignment]
-        if cfg.opset < MIN_OPSET[cfg.exporter]:
-            raise StageError(f"stage '{ctx.stage}': opset {cfg.opset} needs exporter: torchscript "
-                             f"(the dynamo exporter starts at {MIN_OPSET['dynamo']})")
         eval_data = ctx.data.eval()
         count = min(cfg.verify_samples, len(eval_data))
         samples = eval_data.batch(0, count)
