@@ -40,9 +40,9 @@ def make_baseline(loaded: LoadedRecipe, folder: Path) -> Artifact:
         facts = {"precision": "fp32", "params": onnx_parameter_count(entry)}
         return Artifact("onnx", folder, entry.name, list(model.inputs), lineage=lineage, facts=facts)
     if model.source_kind == "program":
-        source = loaded.resolve(model.checkpoint)
-        module = load_program(source)
-        shutil.copyfile(source, folder / "model.pt2")
+        # Copy first, then check and load the copy: the file we checked is the file we load.
+        shutil.copyfile(loaded.resolve(model.checkpoint), folder / "model.pt2")
+        module = load_program(folder / "model.pt2")
         facts = {"precision": "fp32", "params": count_parameters(module)}
         return Artifact("torch", folder, "model.pt2", list(model.inputs), meta={"kind": "program"},
                         lineage=lineage, facts=facts)

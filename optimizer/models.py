@@ -114,11 +114,62 @@ def load_weights(module: "torch.nn.Module", state: dict[str, "torch.Tensor"], *,
     module.load_state_dict(state, strict=True)
 
 
+# Inside a .pt2 archive, tensors stored as raw bytes are safe; anything pickled is code.
+_SAFE_PAYLOAD_PREFIXES = {"_weights_config.json": "weight_", "_constants_config.json": "tensor_"}
+
+
+def check_program_archive(path: Path) -> None:
+    """Refuse a torch.export archive that torch.export.load would unpickle.
+
+    torch.export.load reads payloads marked ``use_pickle`` with ``torch.load(weights_only=False)``, custom
+    and opaque objects with pickle, and retries the sample inputs without ``weights_only``. We accept only
+    archives whose weights and constants are raw tensors and whose sample inputs load with weights_only.
+    """
+    import io
+    import json
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InputRejected(f"{path}: not a torch.export program ({exc})") from None
+    with archive:
+        for name in archive.namelist():
+            parts = name.split("/")
+            if len(parts) >= 2 and parts[-2] in ("weights", "constants") and name.endswith(".pt"):
+                raise InputRejected(f"{path}: refused: legacy pickled payload {name}; re-save the program "
+                                    "with a current torch.export.save")
+            suffix = next((s for s in _SAFE_PAYLOAD_PREFIXES if name.endswith(s)), None)
+            if suffix is not None:
+                try:
+                    config = json.loads(archive.read(name)).get("config", {})
+                except ValueError:
+                    raise InputRejected(f"{path}: {name} is not valid JSON") from None
+                for key, entry in config.items():
+                    if entry.get("use_pickle") or not str(entry.get("path_name", "")).startswith(
+                            _SAFE_PAYLOAD_PREFIXES[suffix]):
+                        raise InputRejected(
+                            f"{path}: refused: '{key}' is stored as a pickled object, and loading it could run "
+                            "code; export a program whose weights and constants are plain tensors"
+                        )
+            if "/data/sample_inputs/" in f"/{name}" and name.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError):
+                    raise InputRejected(f"{path}: refused: the sample inputs ({name}) hold objects other than "
+                                        "tensors, and loading them could run code") from None
+
+
 def load_program(path: Path) -> "torch.nn.Module":
+    """Load a torch.export program after checking its archive; callers pass a private copy."""
     import torch
 
     if not path.is_file():
         raise InputRejected(f"{path}: program not found")
+    check_program_archive(path)
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a foreign or corrupt archive

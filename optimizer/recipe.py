@@ -417,7 +417,8 @@ def format_validation_error(
     known: set[str] | None = None,
 ) -> str:
     """One line for the first error; later ones are counted so the user fixes them in order."""
-    errors = exc.errors()
+    # An unknown key is often a misspelled required one: report it first, with its suggestion.
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     # The discriminated union puts the tag into loc ('fashion-mnist'); users never wrote it.
     loc = prefix + tuple(p for p in first["loc"] if p not in ("fashion-mnist", "image-folder", "npz", "python"))

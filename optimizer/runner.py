@@ -68,7 +68,16 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> Report:
+        created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._run_locked()
+        except BaseException:
+            if created and not any(self.out_dir.iterdir()):
+                self.out_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
+            raise
+
+    def _run_locked(self) -> Report:
         with _OutputLock(self.out_dir):
             staging = self.out_dir / f".staging-{uuid.uuid4().hex[:8]}"
             staging.mkdir()

@@ -59,7 +59,16 @@ def check_data_reachable(loaded: LoadedRecipe, split: str) -> str:
 
 
 def validate_recipe(loaded: LoadedRecipe, *, out: Path | None = None) -> list[Check]:
-    """Raise RecipeError on the first problem; return what was checked otherwise."""
+    """Raise RecipeError on the first problem (naming the recipe file); return what was checked otherwise."""
+    try:
+        return _validate(loaded, out)
+    except RecipeError as exc:
+        if loaded.source is not None and not str(exc).startswith(str(loaded.source)):
+            raise RecipeError(f"{loaded.source}: {exc}") from None
+        raise
+
+
+def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
     recipe = loaded.recipe
     checks = [Check("schema", f"recipe '{recipe.name}', {len(recipe.stages)} stages")]
     model = recipe.model

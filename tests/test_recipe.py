@@ -147,10 +147,9 @@ def test_unknown_key_without_near_miss_points_to_schema(tmp_path, weights):
 
 
 def test_unknown_pass_name_gets_a_suggestion(tmp_path, weights):
-    path, _ = write_variant(tmp_path, weights, "pass: quantize.nncf", "pass: quantize.ncf")
+    path, line = write_variant(tmp_path, weights, "pass: quantize.nncf", "pass: quantize.ncf")
     message = recipe_error(path)
-    assert str(path) in message
-    assert "stages.1.pass" in message
+    assert message.startswith(f"{path}:{line}: stages.1.pass")
     assert "unknown pass 'quantize.ncf'" in message
     assert "did you mean 'quantize.nncf'?" in message
 
@@ -183,11 +182,20 @@ def test_override_with_an_unsupported_opset_is_rejected(recipe_file):
     assert "opset 99 is not supported" in message
 
 
-def test_override_with_a_supported_opset_is_accepted(recipe_file):
-    # The dynamo exporter needs 18+, but that is checked when the stage runs: 17 is a valid opset.
-    loaded = load_recipe(recipe_file, overrides=["stages.0.with.opset=17"])
+def test_opset_bounds_depend_on_the_exporter(recipe_file):
+    # The dynamo exporter writes opset 18 and newer; the TorchScript exporter goes down to 9.
+    message = recipe_error(recipe_file, overrides=["stages.0.with.opset=17"])
+    assert "stages.0.with.opset" in message
+    assert "opset 17 is not supported by the dynamo exporter" in message
+    assert "torchscript" in message
+
+    loaded = load_recipe(recipe_file, overrides=["stages.0.with.opset=17", "stages.0.with.exporter=torchscript"])
     assert loaded.recipe.stages[0].with_["opset"] == 17
+    assert loaded.recipe.stages[0].with_["exporter"] == "torchscript"
     assert load_recipe(recipe_file).recipe.stages[0].with_["opset"] == 18, "the file itself is unchanged"
+
+    message = recipe_error(recipe_file, overrides=["stages.0.with.opset=8", "stages.0.with.exporter=torchscript"])
+    assert "opset 8 is not supported by the torchscript exporter" in message
 
 
 def test_override_values_are_read_as_yaml(recipe_file):

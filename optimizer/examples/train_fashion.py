@@ -33,8 +33,9 @@ MEAN = 0.2860
 STD = 0.3530
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_EPOCHS = 3
-BATCH_SIZE = 128
-MAX_LR = 4e-3
+# Small batches: in a 3-epoch budget more optimizer steps beat better-averaged gradients.
+BATCH_SIZE = 64
+MAX_LR = 3e-3
 WEIGHT_DECAY = 0.05
 EVAL_BATCH = 1000
 
@@ -43,14 +44,6 @@ def normalize(images: np.ndarray) -> torch.Tensor:
     """uint8 [N, 28, 28] -> float32 [N, 1, 28, 28], scaled to [0, 1] then standardized."""
     x = torch.from_numpy(images).to(torch.float32).div_(255.0)
     return x.sub_(MEAN).div_(STD).unsqueeze(1)
-
-
-def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """Random horizontal flip of half the batch (clothes are left/right symmetric); cheap, no copy loop."""
-    flip = torch.from_numpy(rng.random(x.shape[0]) < 0.5)
-    x = x.clone()
-    x[flip] = x[flip].flip(-1)
-    return x
 
 
 @torch.inference_mode()
@@ -115,7 +108,8 @@ def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int =
         total_loss = 0.0
         for step in range(steps_per_epoch):
             index = order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE]
-            x = _augment(train_images[index], rng).contiguous(memory_format=torch.channels_last)
+            # No augmentation: in a few epochs this model underfits, so extra regularization only costs accuracy.
+            x = train_images[index].contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), train_labels[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

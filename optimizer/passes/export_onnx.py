@@ -10,6 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed, StageError
 from optimizer.passes.base import Pass, PassConfig, PassContext
+from optimizer.passes.onnx_io import EXTERNAL_DATA_BYTES
 
 # The dynamo exporter emits opset 18 and newer; the TorchScript exporter goes down to 9.
 MIN_OPSET = {"dynamo": 18, "torchscript": 9}
