@@ -46,32 +46,39 @@ def measure(request: dict) -> dict:
     runtime = open_runtime(artifact, threads=request["threads"], options=request.get("runtime_options"))
     load_s = time.perf_counter() - start
 
-    first_batch = _fixed_batch(inputs, request["latency"]["batch_size"], request["seed"])
+    fixed = runtime.fixed_batch
+    latency_batch = fixed or request["latency"]["batch_size"]
+    first_batch = _fixed_batch(inputs, latency_batch, request["seed"])
     start = time.perf_counter()
     runtime.run(first_batch)
     first_inference_ms = (time.perf_counter() - start) * 1e3
 
-    # Accuracy over the whole eval set, in batches.
-    batch_size = request["accuracy_batch_size"]
+    # Accuracy over the whole eval set, in batches (the model's own batch size if it has a fixed one;
+    # a last partial batch is padded with repeated samples and the padding's predictions dropped).
+    batch_size = fixed or request["accuracy_batch_size"]
     predictions = np.empty(len(labels), dtype=np.int64)
     non_finite = 0
     for start_index in range(0, len(labels), batch_size):
         batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
-        logits = runtime.run(batch)
+        count = len(next(iter(batch.values())))
+        if fixed and count < fixed:
+            batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
+        logits = runtime.run(batch)[:count]
         non_finite += int((~np.isfinite(logits)).sum())
-        predictions[start_index : start_index + len(logits)] = logits.reshape(len(logits), -1).argmax(-1)
+        predictions[start_index : start_index + count] = logits.reshape(count, -1).argmax(-1)
         _progress("accuracy", min(1.0, (start_index + batch_size) / len(labels)))
     accuracy = top1(predictions, labels)
     np.save(request["predictions_npy"], predictions)
 
     plan = TimingPlan.from_spec(request["latency"])
     latency, raw_ms = time_iterations(lambda: runtime.run(first_batch), plan, lambda f: _progress("latency", f))
-    latency["batch_size"] = request["latency"]["batch_size"]
+    latency["batch_size"] = latency_batch
     np.save(request["raw_times_npy"], raw_ms)
     _progress("latency", 1.0)
 
-    throughput_batch = _fixed_batch(inputs, request["latency"]["throughput_batch_size"], request["seed"] + 1)
-    throughput = measure_throughput(lambda: runtime.run(throughput_batch), len(next(iter(throughput_batch.values()))), plan)
+    throughput_size = fixed or request["latency"]["throughput_batch_size"]
+    throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
+    throughput = measure_throughput(lambda: runtime.run(throughput_batch), throughput_size, plan)
     _progress("throughput", 1.0)
 
     result = {

@@ -94,7 +94,9 @@ class ExportOnnx(Pass):
         reference_runtime = TorchEagerRuntime(artifact, threads=ctx.threads)
         module = reference_runtime.module
         names = [spec.name for spec in artifact.inputs]
-        example = tuple(torch.from_numpy(samples[name][:2]) for name in names)
+        # A static export is traced at the recipe's batch size; a dynamic one at 2 (1 could be specialized).
+        example_batch = 2 if cfg.dynamic_batch else artifact.inputs[0].shape[0]
+        example = tuple(torch.from_numpy(samples[name][:example_batch]) for name in names)
         out_path = ctx.work_dir / "model.onnx"
         ctx.progress.update(f"exporting ({cfg.exporter}, opset {cfg.opset})")
         external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
@@ -121,8 +123,8 @@ class ExportOnnx(Pass):
                                    meta={"opset": cfg.opset, "exporter": cfg.exporter},
                                    facts={"precision": "fp32", "params": artifact.facts.get("params")})
         ctx.progress.update("verifying against PyTorch")
-        reference = reference_runtime.run(samples)
-        candidate = OnnxRuntime(result, threads=ctx.threads).run(samples)
+        reference = reference_runtime.run_batched(samples, 256)
+        candidate = OnnxRuntime(result, threads=ctx.threads).run_batched(samples, 256)
         if reference.shape != candidate.shape:
             raise GateFailed(f"stage '{ctx.stage}': ONNX output shape {candidate.shape} differs from PyTorch {reference.shape}")
         fidelity = compare_outputs(reference, candidate, atol=cfg.atol, rtol=cfg.rtol)

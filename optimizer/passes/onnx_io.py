@@ -35,6 +35,15 @@ def load_onnx(path: Path) -> "onnx.ModelProto":
     return onnx.load(str(path))
 
 
+def refuse_quantized(model: "onnx.ModelProto", *, stage: str) -> None:
+    """Quantizing a model that already holds Q/DQ pairs stacks a second rounding on the first."""
+    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node):
+        from optimizer.errors import RecipeError
+
+        raise RecipeError(f"stage '{stage}': the input model is already quantized (it has QuantizeLinear nodes); "
+                          "quantize the float model instead")
+
+
 def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str) -> list[dict[str, np.ndarray]]:
     """``count`` single-sample inputs drawn with the seed; fewer available is an error, never silent."""
     if len(data) == 0:

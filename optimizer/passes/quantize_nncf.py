@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed, StageError
 from optimizer.passes.base import Pass, PassConfig, PassContext
-from optimizer.passes.onnx_io import calibration_samples, load_onnx, save_onnx
+from optimizer.passes.onnx_io import calibration_samples, load_onnx, refuse_quantized, save_onnx
 
 
 class IgnoredScopeConfig(BaseModel):
@@ -53,6 +53,11 @@ class QuantizeNncf(Pass):
 
         cfg: QuantizeNncfConfig = self.config  # type: ignore[assignment]
         model = load_onnx(artifact.entry_path)
+        refuse_quantized(model, stage=ctx.stage)
+        if ctx.progress.quiet:
+            import logging
+
+            nncf.set_log_level(logging.ERROR)
         items = calibration_samples(ctx.data.calibration(), cfg.subset_size, ctx.seed, stage=ctx.stage)
         calibration = nncf.Dataset(items)
         scope = cfg.ignored_scope

@@ -11,7 +11,7 @@ from pydantic import Field
 from optimizer.artifact import Artifact
 from optimizer.errors import StageError
 from optimizer.passes.base import Pass, PassConfig, PassContext
-from optimizer.passes.onnx_io import calibration_samples
+from optimizer.passes.onnx_io import calibration_samples, refuse_quantized
 from optimizer.models import check_onnx_external_data
 
 
@@ -50,6 +50,7 @@ class QuantizeOrt(Pass):
 
         cfg: QuantizeOrtConfig = self.config  # type: ignore[assignment]
         check_onnx_external_data(artifact.entry_path)
+        refuse_quantized(onnx.load(str(artifact.entry_path), load_external_data=False), stage=ctx.stage)
         items = calibration_samples(ctx.data.calibration(), cfg.subset_size, ctx.seed, stage=ctx.stage)
 
         class Reader(CalibrationDataReader):

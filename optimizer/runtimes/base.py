@@ -22,6 +22,18 @@ class Runtime(ABC):
     @abstractmethod
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray: ...
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model was compiled for, or None when the batch axis is dynamic."""
+        return None
+
+    def run_batched(self, inputs: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+        """Run any number of samples, in chunks of ``batch_size`` (or the model's fixed batch)."""
+        size = self.fixed_batch or batch_size
+        total = len(next(iter(inputs.values())))
+        outputs = [self.run({k: v[i : i + size] for k, v in inputs.items()}) for i in range(0, total, size)]
+        return np.concatenate(outputs)
+
     def settings(self) -> dict[str, Any]:
         """Runtime settings recorded with every measurement."""
         return {"runtime": self.name, "threads": self.threads}

@@ -43,6 +43,11 @@ class OnnxRuntime(Runtime):
                 f"{artifact.entry_path}: model inputs {self._names} differ from the recipe's inputs {expected}"
             )
 
+    @property
+    def fixed_batch(self) -> int | None:
+        first = self.session.get_inputs()[0].shape[0]
+        return first if isinstance(first, int) else None
+
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self._output], {name: inputs[name] for name in self._names})[0]
 
