@@ -309,3 +309,25 @@ def test_output_locked_by_a_live_run_exits_6(tiny_checkpoint: Path, tmp_path: Pa
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_ctrl_c_exits_130_naming_the_stage_and_leaves_no_partial_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    recipe = quickstart_dict(tiny_checkpoint, quick=False, eval_samples=200)
+    recipe["budget"] = {}
+    recipe["evaluate"]["latency"].update(min_duration_s=30, max_duration_s=60)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    process = subprocess.Popen([sys.executable, "-m", "optimizer", "run", str(write_recipe(tmp_path, recipe)),
+                                "--out", str(out)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "measurements").exists() and not any(out.glob(".staging-*/measurements")):
+        time.sleep(0.2)
+    time.sleep(2)  # inside the baseline's latency loop by now
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted during stage 'baseline'" in stderr
+    assert not out.exists() or not any(out.iterdir())
