@@ -62,6 +62,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # the writer creates 0600 files; a checkpoint is meant to be shared
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -50,10 +50,13 @@ def notes(report: dict[str, Any]) -> list[str]:
     base = stages[0]
     if "latency" in base:
         lat = base["latency"]
+        plan = report["recipe"]["evaluate"]["latency"]
+        counts = ", ".join(f"{s['name']} {s['latency']['iterations']}" for s in stages if "latency" in s)
         out.append(
-            f"Latency: batch {lat['batch_size']}, {lat['iterations']} timed iterations per stage after "
-            f"{lat.get('warmup_iterations', '?')} warm-up iterations, each stage in its own process; "
-            f"throughput at batch {base['throughput']['batch_size']}. "
+            f"Latency: batch {lat['batch_size']}, {plan['threads']} thread(s), each stage in its own process; "
+            f"warm-up of at least 10 iterations and {plan['warmup_s']} s, then timed for at least "
+            f"{plan['min_iterations']} iterations and {plan['min_duration_s']} s (iterations: {counts}). "
+            f"Throughput at batch {base['throughput']['batch_size']}. "
             "A speedup marked (n.s.) is not significant: the 95 % intervals of the medians overlap "
             "or one side is unstable."
         )
