@@ -43,20 +43,22 @@ def make_baseline(loaded: LoadedRecipe, folder: Path) -> Artifact:
         # Copy first, then check and load the copy: the file we checked is the file we load.
         shutil.copyfile(loaded.resolve(model.checkpoint), folder / "model.pt2")
         module = load_program(folder / "model.pt2")
-        facts = {"precision": "fp32", "params": count_parameters(module)}
+        from optimizer.measure.complexity import count_macs
+
+        facts = {"precision": "fp32", "params": count_parameters(module), "macs": count_macs(module, list(model.inputs))}
         return Artifact("torch", folder, "model.pt2", list(model.inputs), meta={"kind": "program"},
                         lineage=lineage, facts=facts)
 
-    from safetensors.torch import save_file
+    from optimizer.torch_structure import save_module_weights
 
     assert model.factory is not None  # validate_recipe guarantees it
     module = build_architecture(model.factory, model.kwargs)
     if model.checkpoint is not None:
         checkpoint = loaded.resolve(model.checkpoint)
         load_weights(module, read_state_dict(checkpoint), where=str(checkpoint))
-    # clone() drops storage sharing between tensors, which safetensors refuses to save.
-    state = {name: tensor.detach().contiguous().clone() for name, tensor in module.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"))
-    facts = {"precision": "fp32", "params": count_parameters(module)}
+    save_module_weights(module, folder / "model.safetensors")
+    from optimizer.measure.complexity import count_macs
+
+    facts = {"precision": "fp32", "params": count_parameters(module), "macs": count_macs(module, list(model.inputs))}
     meta = {"kind": "factory", "factory": model.factory, "kwargs": model.kwargs}
     return Artifact("torch", folder, "model.safetensors", list(model.inputs), meta=meta, lineage=lineage, facts=facts)

@@ -86,3 +86,11 @@ def error_from_exit_code(code: int, message: str) -> OptimizerError:
         if cls.exit_code == code:
             return cls(message)
     return StageError(message)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (its type name when the message is empty)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(exc).__name__

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimizer.errors import InputRejected, RecipeError
+from optimizer.errors import InputRejected, RecipeError, first_line
 from optimizer.registry import import_object
 
 if TYPE_CHECKING:
@@ -72,8 +72,8 @@ def read_state_dict(path: Path) -> dict[str, "torch.Tensor"]:
             f"{path}: refused: the file holds {what}, and loading it could run code; "
             "save model.state_dict() or safetensors instead"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise InputRejected(f"{path}: not a readable PyTorch state dict ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:  # garbage bytes raise many types; with weights_only nothing ran, so just refuse
+        raise InputRejected(f"{path}: not a readable PyTorch state dict ({first_line(exc, 160)})") from None
     return _unwrap_state_dict(loaded, path)
 
 
@@ -173,7 +173,7 @@ def load_program(path: Path) -> "torch.nn.Module":
     try:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a foreign or corrupt archive
-        raise InputRejected(f"{path}: not a torch.export program ({str(exc).splitlines()[0][:160]})") from None
+        raise InputRejected(f"{path}: not a torch.export program ({first_line(exc, 160)})") from None
     return program.module()
 
 
@@ -196,7 +196,7 @@ def check_onnx_external_data(model_path: Path) -> list[Path]:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others on garbage
-        raise InputRejected(f"{model_path}: not a readable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        raise InputRejected(f"{model_path}: not a readable ONNX model ({first_line(exc, 160)})") from None
     folder = model_path.parent.resolve()
     files: set[Path] = set()
     for tensor in _get_all_tensors(model):
@@ -230,7 +230,7 @@ def check_onnx_model(model_path: Path) -> list[Path]:
         # By path, so models over 2 GB (external data) are checked too.
         onnx.checker.check_model(str(model_path))
     except (onnx.checker.ValidationError, Exception) as exc:
-        raise InputRejected(f"{model_path}: ONNX checker rejected the model: {str(exc).splitlines()[0][:200]}") from None
+        raise InputRejected(f"{model_path}: ONNX checker rejected the model: {first_line(exc, 200)}") from None
     return data_files
 
 

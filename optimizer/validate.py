@@ -104,7 +104,7 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
             )
         form = pass_cls.output_form
         chain.append(form)
-        for need in pass_cls.needs:
+        for need in pass_cls(pass_cls.Config.model_validate(stage.with_)).required_data():
             if getattr(recipe.data, need) is None:
                 raise RecipeError(f"stages.{index} ({stage.name}): pass '{pass_cls.name}' needs data.{need}; add it")
             needs.add(need)

@@ -65,20 +65,28 @@ class Pass(ABC):
             config = self.Config.model_validate(config or {})
         self.config = config
 
+    def required_data(self) -> tuple[DataNeed, ...]:
+        """Data splits this configured pass reads; override when it depends on the config."""
+        return self.needs
+
     @abstractmethod
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         """Turn ``artifact`` into a new artifact written under ``ctx.work_dir``."""
 
     def new_artifact(self, source: Artifact, ctx: PassContext, *, entry: str, form: str | None = None,
                      meta: dict[str, Any] | None = None, facts: dict[str, Any] | None = None) -> Artifact:
-        """The output handle with lineage filled in (parent hash, pass, version, config)."""
+        """The output handle with lineage filled in (parent hash, pass, version, config).
+
+        Facts the pass does not set (params, MACs, precision) are inherited from the source.
+        """
+        inherited = {k: source.facts[k] for k in ("params", "macs", "precision") if k in source.facts}
         return Artifact(
             form=form or self.output_form,
             path=ctx.work_dir,
             entry=entry,
             inputs=list(source.inputs),
             meta=meta or {},
-            facts=facts or {},
+            facts={**inherited, **(facts or {})},
             lineage={
                 "parent": source.sha256,
                 "stage": ctx.stage,

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
 
 from optimizer.artifact import Artifact
-from optimizer.errors import GateFailed, StageError
+from optimizer.errors import GateFailed, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.onnx_io import EXTERNAL_DATA_BYTES
 
@@ -116,12 +116,12 @@ class ExportOnnx(Pass):
                     opset_version=cfg.opset, dynamo=False, dynamic_axes=axes,
                 )
         except Exception as exc:  # exporter failures come in many types; name the stage and the cause
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StageError(f"stage '{ctx.stage}': torch.onnx.export failed: {first[:300]}") from exc
+            first = first_line(exc, 300)
+            raise StageError(f"stage '{ctx.stage}': torch.onnx.export failed: {first}") from exc
 
         result = self.new_artifact(artifact, ctx, entry="model.onnx",
                                    meta={"opset": cfg.opset, "exporter": cfg.exporter},
-                                   facts={"precision": "fp32", "params": artifact.facts.get("params")})
+                                   facts={"precision": "fp32"})
         ctx.progress.update("verifying against PyTorch")
         reference = reference_runtime.run_batched(samples, 256)
         candidate = OnnxRuntime(result, threads=ctx.threads).run_batched(samples, 256)

@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.artifact import Artifact
-from optimizer.errors import GateFailed, StageError
+from optimizer.errors import GateFailed, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.onnx_io import calibration_samples, load_onnx, refuse_quantized, save_onnx
 
@@ -77,13 +77,12 @@ class QuantizeNncf(Pass):
             else:
                 quantized = self._with_accuracy_control(nncf, model, calibration, options, ctx)
         except nncf.ValidationError as exc:
-            raise StageError(f"stage '{ctx.stage}': NNCF rejected the configuration: {str(exc).splitlines()[0]}") from None
+            raise StageError(f"stage '{ctx.stage}': NNCF rejected the configuration: {first_line(exc)}") from None
         out = ctx.work_dir / "model.onnx"
         save_onnx(quantized, out)
         nodes = [n.op_type for n in quantized.graph.node]
         facts = {
             "precision": "int8",
-            "params": artifact.facts.get("params"),
             "quantize_nodes": nodes.count("QuantizeLinear"),
             "dequantize_nodes": nodes.count("DequantizeLinear"),
         }

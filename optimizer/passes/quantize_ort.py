@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field
 
 from optimizer.artifact import Artifact
-from optimizer.errors import StageError
+from optimizer.errors import StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.onnx_io import calibration_samples, refuse_quantized
 from optimizer.models import check_onnx_external_data
@@ -76,7 +76,7 @@ class QuantizeOrt(Pass):
                     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=False)
                     source = prepared
                 except Exception as exc:  # pre-processing is an optimization; quantization works without it
-                    ctx.progress.log(f"quant_pre_process skipped: {str(exc).splitlines()[0][:120]}")
+                    ctx.progress.log(f"quant_pre_process skipped: {first_line(exc, 120)}")
             ctx.progress.update(f"onnxruntime: calibrating on {cfg.subset_size} samples ({cfg.calibrate_method})")
             try:
                 quantize_static(
@@ -89,12 +89,11 @@ class QuantizeOrt(Pass):
                     extra_options={"CalibTensorRangeSymmetric": False},
                 )
             except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise StageError(f"stage '{ctx.stage}': onnxruntime quantize_static failed: {first[:300]}") from exc
+                first = first_line(exc, 300)
+                raise StageError(f"stage '{ctx.stage}': onnxruntime quantize_static failed: {first}") from exc
         nodes = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
         facts = {
             "precision": "int8",
-            "params": artifact.facts.get("params"),
             "quantize_nodes": nodes.count("QuantizeLinear"),
             "dequantize_nodes": nodes.count("DequantizeLinear"),
             "activation_type": cfg.activation_type,

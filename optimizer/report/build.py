@@ -58,6 +58,7 @@ def stage_record(
             "sha256": artifact.sha256,
             "size_bytes": artifact.size_bytes,
             "params": artifact.facts.get("params"),
+            "macs": artifact.facts.get("macs"),
             "precision": artifact.facts.get("precision"),
         })
     if metrics is not None:

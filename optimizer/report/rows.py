@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ["stage", "pass", "form", "precision", "size MB", "params", "top-1 % (95% CI)", "Δ top-1 vs base",
+COLUMNS = ["stage", "pass", "form", "precision", "size MB", "params", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base",
            "p50 ms (95% CI)", "p90 ms", "p99 ms", "speedup vs base", "vs prev", "samples/s", "status"]
 
 
@@ -30,6 +30,7 @@ def stage_rows(report: dict[str, Any]) -> list[list[str]]:
             row = [
                 s["name"], s["pass"] or "–", s.get("form", "–"), s.get("precision") or "–",
                 f"{s['size_bytes'] / 1e6:.2f}", f"{s['params']:,}" if s.get("params") is not None else "–",
+                f"{s['macs'] / 1e6:.1f}" if s.get("macs") else "–",
                 f"{_pct(acc['value'])} ({_pct(low)}–{_pct(high)})",
                 f"{delta['accuracy_delta'] * 100:+.2f}" if delta else "–",
                 f"{lat['p50_ms']:.3f} ({lat['p50_ci95_ms'][0]:.3f}–{lat['p50_ci95_ms'][1]:.3f})"

@@ -11,14 +11,21 @@ from optimizer.runtimes.base import Runtime
 
 
 def load_torch_module(artifact: Artifact):
-    """Rebuild the module of a torch artifact: factory + safetensors weights, or an exported program."""
+    """Rebuild the module of a torch artifact: factory (+ structure patch) + safetensors weights, or an
+    exported program."""
     from optimizer.models import build_architecture, load_program, load_weights, read_state_dict
 
     kind = artifact.meta.get("kind")
     if kind == "factory":
         module = build_architecture(artifact.meta["factory"], artifact.meta.get("kwargs", {}),
                                     where=f"{artifact.path}: factory")
-        load_weights(module, read_state_dict(artifact.entry_path), where=str(artifact.entry_path))
+        state = read_state_dict(artifact.entry_path)
+        if artifact.meta.get("structure"):
+            # A pruned model: reshape the fresh build to the stored structure before loading weights.
+            from optimizer.torch_structure import apply_structure
+
+            apply_structure(module, artifact.meta["structure"], {k: tuple(v.shape) for k, v in state.items()})
+        load_weights(module, state, where=str(artifact.entry_path))
     elif kind == "program":
         module = load_program(artifact.entry_path)
     else:

@@ -1,0 +1,43 @@
+"""Multiply-accumulate count of a torch module for one sample, from PyTorch's own FLOP counter."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from optimizer.recipe import InputSpec
+
+
+def example_inputs(inputs: list["InputSpec"], batch: int = 1) -> tuple["torch.Tensor", ...]:
+    """Zeros (or ones for integer inputs such as token ids) of the spec's shape at ``batch``."""
+    import torch
+
+    tensors = []
+    for spec in inputs:
+        shape = [batch, *spec.shape[1:]]
+        dtype = getattr(torch, spec.dtype)
+        tensors.append(torch.ones(shape, dtype=dtype) if not dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
+    return tuple(tensors)
+
+
+def count_macs(module: "torch.nn.Module", inputs: list["InputSpec"]) -> int | None:
+    """MACs per sample (FLOPs / 2 over matmuls, convolutions and attention); None if the model won't run."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = module.training
+    try:
+        module.eval()
+    except NotImplementedError:  # a torch.export program's module is already in inference form
+        was_training = None
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            module(*example_inputs(inputs))
+        return int(counter.get_total_flops() // 2)
+    except Exception:  # counting is informative only; a model that needs special inputs just has no count
+        return None
+    finally:
+        if was_training is not None:
+            module.train(was_training)
