@@ -1,0 +1,557 @@
+"""The training loop shared by ``distill.kd`` and ``finetune``: seeded, CPU-first, optionally distributed.
+
+One function, :func:`train`, runs the loop in-process or, started by ``torch.distributed.run`` (see
+``optimizer/training_worker.py``), in every rank of a DistributedDataParallel job. What it does:
+
+* **Data.** Batches are cut from in-memory arrays (:class:`optimizer.data.datasets.ArrayData`). Each epoch
+  one permutation is drawn from ``numpy.random.default_rng(seed)``, identical on every rank; global batch
+  ``k`` is ``perm[k*B:(k+1)*B]`` and rank ``r`` takes ``[r::world_size]`` of it, so ``batch_size`` is the
+  *global* batch and one process and N processes see the same samples per optimizer step. A last partial
+  batch too small to give every rank two samples is dropped (BatchNorm in train mode needs more than one).
+* **Loss.** Without a teacher: cross-entropy (the fine-tuning control). With one (Hinton et al.):
+  ``alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)``, plus optional feature
+  distillation: for each ``{student, teacher, weight}`` pair, forward hooks capture both modules' outputs
+  and ``weight * MSE(proj(student), teacher)`` is added, where ``proj`` is a learned 1x1 convolution
+  (4-D features) or linear map (2-D) when the channel counts differ (and an adaptive average pool when the
+  spatial sizes differ). Projections are trained with the student and discarded afterwards.
+  The student is in train mode (BatchNorm uses batch statistics and updates its running ones); the
+  teacher is in eval mode and runs under ``no_grad``.
+* **Optimizer and schedule.** ``sgd`` (momentum, weight decay) or ``adamw``; the learning rate follows
+  ``constant``, ``cosine`` (to zero) or ``onecycle`` (from lr/25 up, then cosine down to lr/1e4), each
+  after a linear warm-up of ``warmup_fraction`` of the steps (``onecycle`` warms up over at least 30 %).
+* **Model selection.** Top-1 on a fixed *selection* set is measured before the first step, after every
+  epoch (or every ``eval_every`` steps) and at the end; an in-memory copy of the best state is kept
+  (ties keep the earlier one, so the incoming weights win if training never helps) and restored at the
+  end. ``patience`` evaluations without improvement stop training early.
+* **Threads.** Training is throughput work, unlike the single-stream latency that ``evaluate.latency.
+  threads`` describes, so the loop uses every core this process may run on (``os.sched_getaffinity``),
+  divided among the processes of a distributed job; ``threads`` in the config overrides that. The caller's
+  torch thread count is restored afterwards.
+* **Distributed.** With ``WORLD_SIZE > 1`` in the environment (torchrun), the process group is created
+  (``gloo`` on the CPU, ``nccl`` when ``device: cuda`` is asked and CUDA is present), the student is
+  wrapped in DistributedDataParallel, logged losses are averaged over ranks, and the selection set is
+  split over the ranks whose correct counts are summed, so every rank computes the same accuracy and
+  takes the same keep/stop decisions. BatchNorm statistics are per rank during a step (DDP broadcasts
+  rank 0's buffers before each forward, and the loop broadcasts them again before evaluating), so all
+  ranks evaluate and keep identical weights. Only rank 0 is meant to write files (see
+  ``DistInfo.is_main``). The process group is destroyed at the end if this module created it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from optimizer.errors import RecipeError, StageError
+from optimizer.passes.base import PassConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from optimizer.data.datasets import ArrayData
+
+ProgressFn = Callable[[str, float], None]
+
+
+# -------------------------------------------------------------------------------------------- config
+
+
+class FeaturePair(BaseModel):
+    """One feature-distillation term: MSE between a student module's output and a teacher module's."""
+
+    model_config = ConfigDict(extra="forbid")
+    student: str = Field(description="Student module name, as in model.named_modules(), e.g. 'layer2'.")
+    teacher: str = Field(description="Teacher module name whose output the student's should match.")
+    weight: float = Field(default=1.0, ge=0, description="Weight of this MSE term in the loss.")
+
+
+class TrainingConfig(PassConfig):
+    """Settings of the training loop; ``distill.kd`` and ``finetune`` add theirs to these."""
+
+    epochs: int = Field(default=2, ge=1, description="Passes over the training samples (unless 'steps' is set).")
+    steps: int | None = Field(default=None, ge=1, description="Optimizer steps instead of epochs.")
+    batch_size: int = Field(default=128, ge=2, description="Global batch size (split over 'processes').")
+    optimizer: Literal["sgd", "adamw"] = Field(default="adamw", description="'sgd' (with momentum) or 'adamw'.")
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (sgd only).")
+    weight_decay: float = Field(default=1e-4, ge=0, description="Weight decay (decoupled for adamw).")
+    schedule: Literal["constant", "cosine", "onecycle"] = Field(
+        default="cosine", description="Learning-rate schedule after the warm-up.")
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up.")
+    eval_every: int | None = Field(
+        default=None, ge=1, description="Evaluate for model selection every this many steps (default: every epoch).")
+    patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many evaluations without improvement (default: never).")
+    selection_split: Literal["train_holdout", "eval"] = Field(
+        default="train_holdout",
+        description="Where the model-selection samples come from: 'train_holdout' (a seeded slice of the train "
+                    "split, held out of training; the reported eval accuracy stays unbiased) or 'eval' (a seeded "
+                    "subset of the eval split; picking the best checkpoint on the data that is then reported "
+                    "biases the reported figure slightly upwards).")
+    eval_samples: int = Field(default=1000, ge=1, description="Size of the model-selection set.")
+    train_samples: int | None = Field(
+        default=None, ge=1, description="Use at most this many training samples (a seeded subset).")
+    processes: int = Field(
+        default=1, ge=1, description="Training processes; more than 1 runs DistributedDataParallel through "
+                                     "torch.distributed.run (gloo on the CPU).")
+    threads: int | None = Field(
+        default=None, ge=1, description="Torch threads per training process (default: all usable cores / processes).")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Train on the CPU or on CUDA (nccl when distributed).")
+
+    @model_validator(mode="after")
+    def _epochs_or_steps(self) -> "TrainingConfig":
+        if self.steps is not None and "epochs" in self.model_fields_set:
+            raise ValueError("set 'epochs' or 'steps', not both")
+        if self.batch_size % self.processes:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by processes {self.processes} "
+                             "(it is the global batch, split evenly over the processes)")
+        return self
+
+
+@dataclass
+class KDSettings:
+    """The distillation part of the loss; absent for plain fine-tuning."""
+
+    temperature: float = 4.0
+    alpha: float = 0.7
+    feature_layers: list[FeaturePair] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def init_distributed(device: str = "cpu") -> DistInfo:
+    """Join the torchrun job described by the environment (WORLD_SIZE > 1), or describe a single process."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda was asked but CUDA is not available; use device: cpu")
+    dev = f"cuda:{local_rank}" if device == "cuda" else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+    if world <= 1:
+        return DistInfo(device=dev)
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        owns = True
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                    owns_group=owns)
+
+
+def finish_distributed(info: DistInfo) -> None:
+    if info.owns_group:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_fraction: float) -> float:
+    """Multiplier of the peak lr for ``step`` (0-based) of ``total``."""
+    if schedule == "onecycle":
+        warm = max(1, round(max(warmup_fraction, 0.3) * total))
+        if step < warm:
+            return 1 / 25 + (1 - 1 / 25) * step / warm
+        progress = (step - warm) / max(1, total - warm)
+        low = 1e-4
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
+    warm = round(warmup_fraction * total)
+    if step < warm:
+        return (step + 1) / (warm + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------ feature taps
+
+
+class _Tap:
+    """Forward hooks that keep the latest output of named modules."""
+
+    def __init__(self, model: "torch.nn.Module", names: list[str], *, role: str):
+        modules = dict(model.named_modules())
+        self.values: dict[str, Any] = {}
+        self.enabled = True
+        self.handles = []
+        for name in names:
+            if name not in modules:
+                known = [n for n in modules if n][:12]
+                raise RecipeError(f"feature_layers: the {role} has no module '{name}'; it has {known}"
+                                  f"{' ...' if len(modules) > 13 else ''}")
+            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.enabled:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                # A clone: an in-place op after this module (ReLU(inplace=True)) must not change what we keep.
+                self.values[name] = out.clone()
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _projection(student_shape: tuple[int, ...], teacher_shape: tuple[int, ...], pair: FeaturePair):
+    from torch import nn
+
+    if len(student_shape) != len(teacher_shape):
+        raise RecipeError(f"feature_layers: student '{pair.student}' gives {list(student_shape[1:])} features, "
+                          f"teacher '{pair.teacher}' {list(teacher_shape[1:])}; pick modules of the same rank")
+    layers: list[nn.Module] = []
+    if len(student_shape) == 4:
+        if student_shape[2:] != teacher_shape[2:]:
+            layers.append(nn.AdaptiveAvgPool2d(tuple(teacher_shape[2:])))
+        if student_shape[1] != teacher_shape[1]:
+            layers.append(nn.Conv2d(student_shape[1], teacher_shape[1], 1, bias=False))
+    elif len(student_shape) == 2:
+        if student_shape[1] != teacher_shape[1]:
+            layers.append(nn.Linear(student_shape[1], teacher_shape[1], bias=False))
+    elif student_shape != teacher_shape:
+        raise RecipeError(f"feature_layers: cannot match {list(student_shape[1:])} to {list(teacher_shape[1:])} "
+                          f"({pair.student} -> {pair.teacher}); use 2-D or 4-D features")
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
+def _wrapper_class():
+    from torch import nn
+
+    class StudentWithProjections(nn.Module):
+        """The student plus the feature projections, so that DDP synchronizes both."""
+
+        def __init__(self, student: nn.Module, tap: _Tap | None, pairs: list[FeaturePair],
+                     projections: nn.ModuleList):
+            super().__init__()
+            self.student = student
+            self.projections = projections
+            self._tap = tap
+            self._pairs = pairs
+
+        def forward(self, *inputs):
+            logits = self.student(*inputs)
+            if isinstance(logits, (tuple, list)):
+                logits = logits[0]
+            features = [proj(self._tap.values[pair.student]) for pair, proj in zip(self._pairs, self.projections)] \
+                if self._tap is not None else []
+            return logits, features
+
+    return StudentWithProjections
+
+
+# ----------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, Any]]
+    best_eval_acc: float
+    best_step: int
+    final_selection_acc: float
+    steps: int
+    epochs: float
+    stopped_early: bool
+    train_seconds: float
+    world_size: int
+    threads_per_process: int
+    train_samples: int
+    selection_samples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _logits(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _evaluate(model: "torch.nn.Module", data: "ArrayData", names: list[str], info: DistInfo,
+              batch_size: int = 500) -> float:
+    """Top-1 of ``model`` in eval mode on ``data``, split over the ranks, the same figure on every rank."""
+    import torch
+
+    model.eval()
+    index = np.arange(info.rank, len(data), info.world_size)
+    correct = 0
+    with torch.inference_mode():
+        for start in range(0, len(index), batch_size):
+            part = index[start:start + batch_size]
+            xs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n][part])).to(info.device) for n in names]
+            pred = _logits(model(*xs)).argmax(1).cpu().numpy()
+            correct += int((pred == data.labels[part]).sum())
+    counts = torch.tensor([correct, len(index)], dtype=torch.float64)
+    if info.distributed:
+        import torch.distributed as dist
+
+        counts = counts.to(info.device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+    return float(counts[0] / counts[1])
+
+
+def _sync_buffers(model: "torch.nn.Module", info: DistInfo) -> None:
+    """Give every rank rank 0's BatchNorm statistics (each rank updated them with its own batches)."""
+    if info.distributed:
+        import torch.distributed as dist
+
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def train(
+    student: "torch.nn.Module",
+    train_data: "ArrayData",
+    selection: "ArrayData",
+    cfg: TrainingConfig,
+    *,
+    seed: int,
+    teacher: "torch.nn.Module | None" = None,
+    kd: KDSettings | None = None,
+    progress: ProgressFn | None = None,
+    dist_info: DistInfo | None = None,
+    where: str = "training",
+) -> TrainResult:
+    """Train ``student`` in place (the best state by selection top-1 is loaded at the end).
+
+    ``dist_info=None`` joins a torchrun job when the environment describes one (and leaves it at the
+    end); pass ``DistInfo()`` to force a single process.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    info = dist_info if dist_info is not None else init_distributed(cfg.device)
+    previous_threads = torch.get_num_threads()
+    threads = cfg.threads or max(1, usable_cores() // max(1, info.world_size))
+    torch.set_num_threads(threads)
+    try:
+        return _train(student, train_data, selection, cfg, seed=seed, teacher=teacher,
+                      kd=kd or KDSettings(), progress=progress or (lambda d, f: None), info=info,
+                      threads=threads, where=where, F=F)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if dist_info is None:
+            finish_distributed(info)
+
+
+def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher, kd: KDSettings, progress, info,
+           threads, where, F) -> TrainResult:
+    import torch
+    from torch import nn
+
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    names = list(train_data.inputs)
+    inputs = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in train_data.inputs.items()}
+    labels = torch.from_numpy(np.asarray(train_data.labels, dtype=np.int64))
+    total_samples = len(labels)
+    batch = cfg.batch_size
+    world = info.world_size
+    full, rest = divmod(total_samples, batch)
+    steps_per_epoch = full + (1 if rest >= 2 * world else 0)
+    if steps_per_epoch == 0:
+        raise RecipeError(f"{where}: {total_samples} training samples are fewer than one batch of {batch}; "
+                          "lower batch_size or use more samples")
+    total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+    epochs_total = math.ceil(total_steps / steps_per_epoch)
+
+    student.to(info.device)
+    if teacher is not None:
+        teacher.to(info.device)
+        try:
+            teacher.eval()
+        except NotImplementedError:  # an exported program's module refuses eval(); it was exported in eval mode
+            pass
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    # Feature distillation: hooks on both models, projections sized by one dry forward.
+    pairs = list(kd.feature_layers) if teacher is not None else []
+    s_tap = t_tap = None
+    projections = nn.ModuleList()
+    if pairs:
+        s_tap = _Tap(student, [p.student for p in pairs], role="student")
+        t_tap = _Tap(teacher, [p.teacher for p in pairs], role="teacher")
+        probe = [inputs[n][:2].to(info.device) for n in names]
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            student(*probe)
+            teacher(*probe)
+        student.train(was_training)
+        for pair in pairs:
+            projections.append(_projection(tuple(s_tap.values[pair.student].shape),
+                                           tuple(t_tap.values[pair.teacher].shape), pair))
+        projections.to(info.device)
+    wrapped = _wrapper_class()(student, s_tap, pairs, projections)
+    model: nn.Module = wrapped
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(wrapped, device_ids=[info.local_rank] if info.device != "cpu" else None)
+
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+    def evaluate() -> float:
+        _sync_buffers(student, info)
+        if s_tap is not None:
+            s_tap.enabled = False
+        try:
+            return _evaluate(student, selection, names, info)
+        finally:
+            if s_tap is not None:
+                s_tap.enabled = True
+
+    history: list[dict[str, Any]] = []
+    sums = np.zeros(5)  # loss, kd, ce, feature, batches since the last evaluation
+
+    def record(step: int, epoch: float) -> float:
+        nonlocal sums
+        totals = torch.tensor(sums, dtype=torch.float64)
+        if info.distributed:
+            import torch.distributed as dist
+
+            totals = totals.to(info.device)
+            dist.all_reduce(totals)
+            totals = (totals / world).cpu()
+        n = float(totals[4])
+        mean = (lambda i: float(totals[i]) / n) if n else (lambda i: None)
+        acc = evaluate()
+        history.append({
+            "step": step,
+            "epoch": round(epoch, 4),
+            "lr": optimizer.param_groups[0]["lr"] if step else 0.0,
+            "loss": mean(0),
+            "kd_loss": mean(1) if teacher is not None else None,
+            "ce_loss": mean(2),
+            "feature_loss": mean(3) if pairs else None,
+            "eval_acc": acc,
+        })
+        sums = np.zeros(5)
+        return acc
+
+    best_acc = record(0, 0.0)
+    best_state, best_step = snapshot(), 0
+    since_best = 0
+    stopped_early = False
+    step = 0
+    T, alpha = kd.temperature, kd.alpha
+    progress(f"epoch 0/{epochs_total} selection top-1 {best_acc:.3f}", 0.0)
+
+    for epoch in range(epochs_total):
+        perm = rng.permutation(total_samples)  # the same on every rank: one seed, one sequence
+        model.train()
+        if teacher is not None:
+            try:
+                teacher.eval()
+            except NotImplementedError:
+                pass
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            index = torch.from_numpy(perm[b * batch:(b + 1) * batch][info.rank::world])
+            xs = [inputs[n][index].to(info.device) for n in names]
+            y = labels[index].to(info.device)
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total_steps, cfg.schedule, cfg.warmup_fraction)
+            logits, features = model(*xs)
+            ce = F.cross_entropy(logits, y)
+            kd_loss = feat_loss = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = _logits(teacher(*xs))
+                kd_loss = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(t_logits / T, dim=1),
+                                   reduction="batchmean", log_target=True) * (T * T)
+                loss = alpha * kd_loss + (1 - alpha) * ce
+                if pairs:
+                    feat_loss = sum(pair.weight * F.mse_loss(f, t_tap.values[pair.teacher])
+                                    for pair, f in zip(pairs, features))
+                    loss = loss + feat_loss
+            else:
+                loss = ce
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise StageError(f"{where}: the loss became {value} at step {step + 1}; lower lr")
+            sums += [value, float(kd_loss.detach()) if kd_loss is not None else 0.0, float(ce.detach()),
+                     float(feat_loss.detach()) if feat_loss is not None else 0.0, 1.0]
+            step += 1
+            running = sums[0] / sums[4]
+            progress(f"epoch {epoch + 1}/{epochs_total} loss {running:.3f}", step / total_steps)
+            end_of_epoch = b == steps_per_epoch - 1
+            due = (step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
+            if due or step == total_steps:
+                acc = record(step, step / steps_per_epoch)
+                model.train()
+                if acc > best_acc:
+                    best_acc, best_state, best_step, since_best = acc, snapshot(), step, 0
+                else:
+                    since_best += 1
+                if cfg.patience is not None and since_best >= cfg.patience and step < total_steps:
+                    stopped_early = True
+                    break
+        if stopped_early or step >= total_steps:
+            break
+
+    if s_tap is not None:
+        s_tap.remove()
+        t_tap.remove()
+    student.load_state_dict(best_state)
+    student.eval()
+    final_acc = evaluate()
+    student.to("cpu")
+    return TrainResult(
+        history=history, best_eval_acc=best_acc, best_step=best_step, final_selection_acc=final_acc, steps=step,
+        epochs=round(step / steps_per_epoch, 4), stopped_early=stopped_early,
+        train_seconds=round(time.perf_counter() - started, 3), world_size=world, threads_per_process=threads,
+        train_samples=total_samples, selection_samples=len(selection),
+    )
