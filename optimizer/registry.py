@@ -20,9 +20,12 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "optimizer.passes"
 
 BUILTIN_PASSES: dict[str, str] = {
+    "distill.kd": "optimizer.passes.distill:DistillKD",
     "export.onnx": "optimizer.passes.export_onnx:ExportOnnx",
+    "finetune": "optimizer.passes.distill:Finetune",
     "quantize.nncf": "optimizer.passes.quantize_nncf:QuantizeNncf",
     "quantize.ort": "optimizer.passes.quantize_ort:QuantizeOrt",
+    "prune.structured": "optimizer.passes.prune_structured:PruneStructured",
 }
 
 _registered: dict[str, type["Pass"]] = {}

@@ -150,6 +150,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def single_process(device: str = "cpu") -> DistInfo:
+    """One process, whatever the environment says (the in-process path of the passes)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("device: cuda was asked but CUDA is not available; use device: cpu")
+    return DistInfo(device="cuda:0" if device == "cuda" else "cpu")
+
+
 def init_distributed(device: str = "cpu") -> DistInfo:
     """Join the torchrun job described by the environment (WORLD_SIZE > 1), or describe a single process."""
     import torch
@@ -305,8 +314,8 @@ def _logits(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _evaluate(model: "torch.nn.Module", data: "ArrayData", names: list[str], info: DistInfo,
-              batch_size: int = 500) -> float:
+def _evaluate(model: "torch.nn.Module", data: "ArrayData", names: list[str], info: DistInfo, *,
+              layout=None, batch_size: int = 500) -> float:
     """Top-1 of ``model`` in eval mode on ``data``, split over the ranks, the same figure on every rank."""
     import torch
 
@@ -317,6 +326,8 @@ def _evaluate(model: "torch.nn.Module", data: "ArrayData", names: list[str], inf
         for start in range(0, len(index), batch_size):
             part = index[start:start + batch_size]
             xs = [torch.from_numpy(np.ascontiguousarray(data.inputs[n][part])).to(info.device) for n in names]
+            if layout is not None:
+                xs = [x.contiguous(memory_format=layout) for x in xs]
             pred = _logits(model(*xs)).argmax(1).cpu().numpy()
             correct += int((pred == data.labels[part]).sum())
     counts = torch.tensor([correct, len(index)], dtype=torch.float64)
@@ -395,9 +406,12 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     epochs_total = math.ceil(total_steps / steps_per_epoch)
 
-    student.to(info.device)
+    # Image batches in channels-last layout: oneDNN's convolutions run several times faster on the CPU
+    # (about 6x for the example ResNet's training step). Only the memory layout changes, not the values.
+    layout = torch.channels_last if all(a.dim() == 4 for a in inputs.values()) else torch.contiguous_format
+    student.to(info.device, memory_format=layout)
     if teacher is not None:
-        teacher.to(info.device)
+        teacher.to(info.device, memory_format=layout)
         try:
             teacher.eval()
         except NotImplementedError:  # an exported program's module refuses eval(); it was exported in eval mode
@@ -410,8 +424,11 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     s_tap = t_tap = None
     projections = nn.ModuleList()
     if pairs:
-        s_tap = _Tap(student, [p.student for p in pairs], role="student")
-        t_tap = _Tap(teacher, [p.teacher for p in pairs], role="teacher")
+        try:
+            s_tap = _Tap(student, [p.student for p in pairs], role="student")
+            t_tap = _Tap(teacher, [p.teacher for p in pairs], role="teacher")
+        except RecipeError as exc:
+            raise RecipeError(f"{where}: {exc}") from None
         probe = [inputs[n][:2].to(info.device) for n in names]
         was_training = student.training
         student.eval()
@@ -420,9 +437,12 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
             teacher(*probe)
         student.train(was_training)
         for pair in pairs:
-            projections.append(_projection(tuple(s_tap.values[pair.student].shape),
-                                           tuple(t_tap.values[pair.teacher].shape), pair))
-        projections.to(info.device)
+            try:
+                projections.append(_projection(tuple(s_tap.values[pair.student].shape),
+                                               tuple(t_tap.values[pair.teacher].shape), pair))
+            except RecipeError as exc:
+                raise RecipeError(f"{where}: {exc}") from None
+        projections.to(info.device, memory_format=layout)
     wrapped = _wrapper_class()(student, s_tap, pairs, projections)
     model: nn.Module = wrapped
     if info.distributed:
@@ -444,7 +464,7 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
         if s_tap is not None:
             s_tap.enabled = False
         try:
-            return _evaluate(student, selection, names, info)
+            return _evaluate(student, selection, names, info, layout=layout)
         finally:
             if s_tap is not None:
                 s_tap.enabled = True
@@ -497,7 +517,7 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
             if step >= total_steps:
                 break
             index = torch.from_numpy(perm[b * batch:(b + 1) * batch][info.rank::world])
-            xs = [inputs[n][index].to(info.device) for n in names]
+            xs = [inputs[n][index].to(info.device).contiguous(memory_format=layout) for n in names]
             y = labels[index].to(info.device)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, cfg.schedule, cfg.warmup_fraction)
@@ -548,7 +568,7 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     student.load_state_dict(best_state)
     student.eval()
     final_acc = evaluate()
-    student.to("cpu")
+    student.to("cpu", memory_format=torch.contiguous_format)
     return TrainResult(
         history=history, best_eval_acc=best_acc, best_step=best_step, final_selection_acc=final_acc, steps=step,
         epochs=round(step / steps_per_epoch, 4), stopped_early=stopped_early,

@@ -102,9 +102,18 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
                 f"but receives {form} from {'the model' if index == 0 else recipe.stages[index - 1].name}; "
                 "reorder the stages or add a conversion stage"
             )
+        instance = pass_cls(pass_cls.Config.model_validate(stage.with_))
+        earlier = {"baseline": chain[0], **{s.name: chain[i + 1] for i, s in enumerate(recipe.stages[:index])}}
+        for ref in instance.stage_references():
+            if ref not in earlier:
+                raise RecipeError(f"stages.{index} ({stage.name}): '@{ref}' must name 'baseline' or an earlier stage "
+                                  f"(earlier: {', '.join(earlier)})")
+            if earlier[ref] != "torch":
+                raise RecipeError(f"stages.{index} ({stage.name}): '@{ref}' is a {earlier[ref]} model; "
+                                  "this pass needs a torch stage")
         form = pass_cls.output_form
         chain.append(form)
-        for need in pass_cls(pass_cls.Config.model_validate(stage.with_)).required_data():
+        for need in instance.required_data():
             if getattr(recipe.data, need) is None:
                 raise RecipeError(f"stages.{index} ({stage.name}): pass '{pass_cls.name}' needs data.{need}; add it")
             needs.add(need)

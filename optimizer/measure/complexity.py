@@ -32,6 +32,10 @@ def count_macs(module: "torch.nn.Module", inputs: list["InputSpec"]) -> int | No
         module.eval()
     except NotImplementedError:  # a torch.export program's module is already in inference form
         was_training = None
+    # In eval mode nn.TransformerEncoder takes a fused fast path the FLOP counter cannot see (it would
+    # report a few hundred MACs); count with the fast path off.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(*example_inputs(inputs))
@@ -39,5 +43,6 @@ def count_macs(module: "torch.nn.Module", inputs: list["InputSpec"]) -> int | No
     except Exception:  # counting is informative only; a model that needs special inputs just has no count
         return None
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if was_training is not None:
             module.train(was_training)

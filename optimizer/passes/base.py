@@ -69,6 +69,10 @@ class Pass(ABC):
         """Data splits this configured pass reads; override when it depends on the config."""
         return self.needs
 
+    def stage_references(self) -> tuple[str, ...]:
+        """Stage names (or 'baseline') this configured pass reads from ``ctx.artifacts``; validated up front."""
+        return ()
+
     @abstractmethod
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         """Turn ``artifact`` into a new artifact written under ``ctx.work_dir``."""

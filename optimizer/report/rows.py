@@ -71,6 +71,16 @@ def notes(report: dict[str, Any]) -> list[str]:
             out.append(f"Stage '{s['name']}' fidelity vs PyTorch on {fidelity['samples']} eval samples: max abs diff "
                        f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}, "
                        f"top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %.")
+        training = (s.get("details") or {}).get("training")
+        if training:
+            out.append(f"Stage '{s['name']}' trained {training['steps']} steps on {training['world_size']} process(es) "
+                       f"in {training['seconds']:.0f} s; best selection top-1 {training['best_eval_acc'] * 100:.1f} % "
+                       f"at step {training['best_step']} ({training['selection']}).")
+        pruning = (s.get("details") or {}).get("pruning")
+        if pruning and pruning.get("macs_before") and pruning.get("macs_after"):
+            out.append(f"Stage '{s['name']}' pruning: MACs {pruning['macs_before'] / 1e6:.1f} M -> "
+                       f"{pruning['macs_after'] / 1e6:.1f} M ({pruning['macs_before'] / pruning['macs_after']:.2f}x fewer), "
+                       f"params {pruning['params_before']:,} -> {pruning['params_after']:,}.")
         change = s.get("vs_previous")
         if change and change.get("speedup") and change["speedup"] < 1 and change["latency_significant"]:
             out.append(f"Stage '{s['name']}' is slower than the stage before it ({change['speedup']:.2f}×).")
