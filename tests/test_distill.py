@@ -65,18 +65,19 @@ def recipe_with(checkpoint: Path, stages: list[dict], eval_samples: int = 1000) 
     return recipe
 
 
-DAMAGE = {"name": "damaged", "pass": "python:tests.test_distill:Damage", "with": {"noise": 0.5}}
+# The real use: a student that lost half its channels to structured pruning.
+PRUNE = {"name": "damaged", "pass": "prune.structured", "with": {"ratio": 0.5, "round_to": 4}}
 
 
 @pytest.fixture(scope="module")
 def recovered(example_checkpoint: Path, tmp_path_factory) -> dict:
-    """Two runs from the same damaged student: distilled from @baseline, and fine-tuned (the control)."""
+    """Two runs from the same pruned student: distilled from @baseline, and fine-tuned (the control)."""
     out = tmp_path_factory.mktemp("recovered")
     reports, seconds = {}, {}
     for name, stage in (("kd", {"name": "kd", "pass": "distill.kd", "with": {"teacher": "@baseline", **QUICK}}),
                         ("finetune", {"name": "finetune", "pass": "finetune", "with": dict(QUICK)})):
         start = time.perf_counter()
-        reports[name] = run_recipe(recipe_with(example_checkpoint, [DAMAGE, stage]), out=out / name)
+        reports[name] = run_recipe(recipe_with(example_checkpoint, [PRUNE, stage]), out=out / name)
         seconds[name] = time.perf_counter() - start
     return {"reports": reports, "seconds": seconds, "out": out}
 
@@ -125,6 +126,7 @@ def test_the_artifact_keeps_meta_and_structure(recovered: dict) -> None:
     artifact = Artifact.load(recovered["out"] / "kd" / "final")
     assert artifact.meta["kind"] == "factory" and artifact.meta["factory"] == "optimizer.zoo:small_resnet"
     assert artifact.lineage["pass"] == "distill.kd"
+    assert artifact.meta["structure"], "the pruned structure must travel with the distilled weights"
 
 
 # ---------------------------------------------------------------------------- direct calls of the pass
