@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -123,7 +124,11 @@ class _DataCommon(StrictModel):
 class FashionMnistData(_DataCommon, ImageTransform):
     dataset: Literal["fashion-mnist"]
     split: Literal["train", "test"] = "test"
-    root: str = Field(default=DEFAULT_FASHION_MNIST_ROOT, description="Folder with the four IDX .gz files.")
+    root: str = Field(
+        default_factory=lambda: os.environ.get("FASHION_MNIST_ROOT", DEFAULT_FASHION_MNIST_ROOT),
+        description="Folder with the four IDX .gz files (default: $FASHION_MNIST_ROOT, else the folder the "
+        "Debian package dataset-fashion-mnist installs).",
+    )
 
 
 class ImageFolderData(_DataCommon, ImageTransform):

@@ -13,15 +13,11 @@ import pytest
 
 from optimizer.data.datasets import ArrayData, load_dataset
 from optimizer.errors import InputRejected, RecipeError
+from tests.conftest import FASHION_ROOT
 from optimizer.recipe import FashionMnistData, ImageFolderData, InputSpec, NpzData, PythonData
 
-FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 MEAN, STD = 0.2860, 0.3530
 GRAY28 = [InputSpec(name="images", shape=[1, 1, 28, 28])]
-
-pytestmark = pytest.mark.skipif(not (FASHION_ROOT / "t10k-images-idx3-ubyte.gz").is_file(),
-                                reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
-
 
 def raw_fashion(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     """The IDX files read independently of the package: uint8 [N, 28, 28] and labels."""

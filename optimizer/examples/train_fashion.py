@@ -31,7 +31,7 @@ MODEL_KWARGS: dict[str, Any] = {"num_classes": 10, "in_channels": 1, "width": 24
 # Pixels are scaled to [0, 1], then (x - MEAN) / STD: the Fashion-MNIST train-set statistics.
 MEAN = 0.2860
 STD = 0.3530
-DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"))
 DEFAULT_EPOCHS = 3
 # Small batches: in a 3-epoch budget more optimizer steps beat better-averaged gradients.
 BATCH_SIZE = 64
