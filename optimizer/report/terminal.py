@@ -7,7 +7,7 @@ from typing import Any
 from optimizer.report.rows import COLUMNS, notes, stage_rows
 
 # The terminal is narrow: leave out the columns the Markdown report still has.
-_SHOWN = ["stage", "form", "precision", "size MB", "top-1 % (95% CI)", "Δ top-1 vs base", "p50 ms (95% CI)",
+_SHOWN = ["stage", "form", "precision", "size MB", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base", "p50 ms (95% CI)",
           "p99 ms", "speedup vs base", "samples/s", "status"]
 
 
