@@ -177,6 +177,16 @@ def load_program(path: Path) -> "torch.nn.Module":
     return program.module()
 
 
+def try_eval(module: "torch.nn.Module") -> bool:
+    """Put a module in eval mode; False for a torch.export program's module, which refuses eval() because
+    it was exported in inference form already."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        return False
+    return True
+
+
 def count_parameters(module: "torch.nn.Module") -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -229,7 +239,7 @@ def check_onnx_model(model_path: Path) -> list[Path]:
     try:
         # By path, so models over 2 GB (external data) are checked too.
         onnx.checker.check_model(str(model_path))
-    except (onnx.checker.ValidationError, Exception) as exc:
+    except Exception as exc:  # ValidationError, and protobuf or I/O errors on a damaged file
         raise InputRejected(f"{model_path}: ONNX checker rejected the model: {first_line(exc, 200)}") from None
     return data_files
 

@@ -140,23 +140,16 @@ class Runner:
                                      "ctx.work_dir")
                 produced.finalize()
                 metrics = self._measure(produced, stage.name, eval_npz, measurements_dir)
-            except OptimizerError as exc:
-                seconds = time.perf_counter() - stage_start
+            except Exception as exc:
+                if isinstance(exc, OptimizerError):
+                    error = exc
+                else:  # a library bug: keep the report, name the stage, chain the traceback
+                    error = StageError(f"stage '{stage.name}' ({pass_cls.name}) failed: {type(exc).__name__}: {exc}")
+                    error.__cause__ = exc
                 records.append(stage_record(stage.name, pass_cls.name, None, None, status="failed",
-                                            seconds=seconds, out_dir=staging, error=str(exc),
-                                            details=ctx.details, config=stage.with_))
-                self.progress.end_stage(f"[red]failed[/red]: {exc}")
-                error = exc
-                break
-            except Exception as exc:  # a library bug: keep the report, name the stage, keep the traceback
-                seconds = time.perf_counter() - stage_start
-                message = f"stage '{stage.name}' ({pass_cls.name}) failed: {type(exc).__name__}: {exc}"
-                records.append(stage_record(stage.name, pass_cls.name, None, None, status="failed",
-                                            seconds=seconds, out_dir=staging, error=message,
-                                            details=ctx.details, config=stage.with_))
-                self.progress.end_stage(f"[red]failed[/red]: {message}")
-                error = StageError(message)
-                error.__cause__ = exc
+                                            seconds=time.perf_counter() - stage_start, out_dir=staging,
+                                            error=str(error), details=ctx.details, config=stage.with_))
+                self.progress.end_stage(f"[red]failed[/red]: {error}")
                 break
             seconds = time.perf_counter() - stage_start
             record = stage_record(stage.name, pass_cls.name, produced, metrics, status="ok", seconds=seconds,

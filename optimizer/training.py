@@ -49,6 +49,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from optimizer.errors import RecipeError, StageError
+from optimizer.models import try_eval
 from optimizer.passes.base import PassConfig
 
 if TYPE_CHECKING:
@@ -412,10 +413,7 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     student.to(info.device, memory_format=layout)
     if teacher is not None:
         teacher.to(info.device, memory_format=layout)
-        try:
-            teacher.eval()
-        except NotImplementedError:  # an exported program's module refuses eval(); it was exported in eval mode
-            pass
+        try_eval(teacher)  # the teacher stays in eval mode: only the student wrapper is switched to train()
         for p in teacher.parameters():
             p.requires_grad_(False)
 
@@ -508,11 +506,6 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     for epoch in range(epochs_total):
         perm = rng.permutation(total_samples)  # the same on every rank: one seed, one sequence
         model.train()
-        if teacher is not None:
-            try:
-                teacher.eval()
-            except NotImplementedError:
-                pass
         for b in range(steps_per_epoch):
             if step >= total_steps:
                 break

@@ -27,11 +27,9 @@ def count_macs(module: "torch.nn.Module", inputs: list["InputSpec"]) -> int | No
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = module.training
-    try:
-        module.eval()
-    except NotImplementedError:  # a torch.export program's module is already in inference form
-        was_training = None
+    from optimizer.models import try_eval
+
+    was_training = module.training if try_eval(module) else None
     # In eval mode nn.TransformerEncoder takes a fused fast path the FLOP counter cannot see (it would
     # report a few hundred MACs); count with the fast path off.
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,7 +62,7 @@ class TeacherSpec(BaseModel):
 
 
 class FinetuneConfig(TrainingConfig):
-    pass
+    """The training settings alone: fine-tuning has no teacher."""
 
 
 class DistillConfig(TrainingConfig):
@@ -319,13 +320,10 @@ class _TrainPass(Pass):
         try:
             assert process.stdout is not None
             for line in process.stdout:
-                at = line.find("@@progress ")
-                if at >= 0:
-                    _, fraction, description = (line[at:].rstrip("\n").split(" ", 2) + [""])[:3]
-                    try:
-                        ctx.progress.update(description, float(fraction))
-                    except ValueError:
-                        pass
+                # Rank 0 writes "@@progress <fraction> <description>"; other output is kept for errors.
+                match = re.search(r"@@progress (\d+(?:\.\d+)?) ?(.*)", line)
+                if match:
+                    ctx.progress.update(match.group(2), float(match.group(1)))
                 else:
                     tail = (tail + [line.rstrip()])[-30:]
             process.wait()
