@@ -198,11 +198,25 @@ class LatencySpec(StrictModel):
     mode: Literal["full", "quick"] = Field(
         default="full", description="'quick' uses few iterations (for tests); its figures are labelled as such."
     )
+    trials: int = Field(
+        default=3, ge=1, le=20,
+        description="The timed iterations are split into this many back-to-back trials; their medians are "
+        "reported, and a spread between them wider than 10 % marks the figure unstable.",
+    )
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Batch-size sweep, e.g. [1, 8, 32]: latency and throughput per batch size (empty: no sweep).",
+    )
 
 
 class EvaluateSection(StrictModel):
     accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
+    profile: bool = Field(
+        default=False,
+        description="Profile every stage on its runtime (PyTorch profiler, onnxruntime profiling, OpenVINO "
+        "performance counters): time per operator type and the top operators, in the report.",
+    )
 
 
 class Budget(StrictModel):

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "optimizer.passes"
 
 BUILTIN_PASSES: dict[str, str] = {
+    "compile.openvino": "optimizer.passes.compile_openvino:CompileOpenVino",
+    "compile.tensorrt": "optimizer.passes.compile_tensorrt:CompileTensorRT",
     "distill.kd": "optimizer.passes.distill:DistillKD",
     "export.onnx": "optimizer.passes.export_onnx:ExportOnnx",
     "finetune": "optimizer.passes.distill:Finetune",

@@ -111,7 +111,7 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
             if earlier[ref] != "torch":
                 raise RecipeError(f"stages.{index} ({stage.name}): '@{ref}' is a {earlier[ref]} model; "
                                   "this pass needs a torch stage")
-        form = pass_cls.output_form
+        form = pass_cls.output_form_for(form)
         chain.append(form)
         for need in instance.required_data():
             if getattr(recipe.data, need) is None:

@@ -298,3 +298,87 @@ def test_top1_on_fashion_mnist_sized_input():
     assert result["value"] == 0.9
     low, high = result["ci95"]
     assert low < 0.9 < high and high - low < 0.02
+
+
+# ------------------------------------------------------------------------------ trials, sweep, McNemar
+
+
+def test_mcnemar_matches_the_exact_binomial_test():
+    from optimizer.measure.accuracy import mcnemar
+
+    reference = np.array([True] * 100 + [False] * 10)
+    candidate = np.array([True] * 90 + [False] * 10 + [True] * 3 + [False] * 7)
+    result = mcnemar(reference, candidate)
+    assert (result["only_baseline_right"], result["only_stage_right"]) == (10, 3)
+    # Two-sided exact binomial: 2 * P(X <= 3 | n=13, p=1/2) = 2 * (1 + 13 + 78 + 286) / 8192.
+    assert result["p_value"] == pytest.approx(2 * 378 / 8192)
+    assert not result["significant"]
+
+
+def test_mcnemar_identical_models_and_a_clear_loss():
+    from optimizer.measure.accuracy import mcnemar
+
+    same = np.ones(1000, dtype=bool)
+    assert mcnemar(same, same) == {"test": "mcnemar", "only_baseline_right": 0, "only_stage_right": 0,
+                                   "p_value": 1.0, "significant": False}
+    worse = same.copy()
+    worse[:60] = False  # 60 samples lost, none gained: far beyond chance, and no float underflow
+    result = mcnemar(same, worse)
+    assert result["significant"] and 0 < result["p_value"] < 1e-15
+
+
+def test_mcnemar_large_balanced_discordance_is_not_significant():
+    from optimizer.measure.accuracy import mcnemar
+
+    reference = np.array([True, False] * 3000)
+    candidate = np.array([False, True] * 3000)
+    result = mcnemar(reference, candidate)
+    assert result["p_value"] == pytest.approx(1.0) and not result["significant"]
+
+
+def test_time_trials_reports_each_trial_and_pools_the_times():
+    from optimizer.measure.latency import TimingPlan, time_trials
+
+    plan = TimingPlan(warmup_s=0.0, min_iterations=60, min_duration_s=0.0, max_duration_s=5.0)
+    summary, raw = time_trials(lambda: None, plan, 3)
+    assert summary["trials"] == 3 and len(summary["trial_p50_ms"]) == 3
+    assert summary["iterations"] == len(raw) >= 60
+    assert summary["trial_spread"] >= 0
+
+
+def test_time_trials_marks_drift_between_trials_unstable():
+    import time
+
+    from optimizer.measure.latency import TimingPlan, time_trials
+
+    calls = {"n": 0}
+
+    def drifting() -> None:
+        # The first trial's calls are ten times faster than the later ones: a machine that changed speed.
+        calls["n"] += 1
+        time.sleep(0.0002 if calls["n"] <= 30 else 0.002)
+
+    plan = TimingPlan(warmup_s=0.0, min_iterations=60, min_duration_s=0.0, max_duration_s=5.0)
+    summary, _ = time_trials(drifting, plan, 3)
+    assert summary["trial_spread"] > 0.5
+    assert summary["unstable"]
+
+
+def test_sweep_plan_is_shorter_than_the_main_plan():
+    from optimizer.measure.latency import TimingPlan, sweep_plan
+
+    full = TimingPlan(warmup_s=1.0, min_iterations=1000, min_duration_s=3.0, max_duration_s=60.0)
+    sweep = sweep_plan(full)
+    assert sweep.min_iterations < full.min_iterations and sweep.min_duration_s <= full.min_duration_s
+    quick = TimingPlan.from_spec({"mode": "quick"})
+    assert sweep_plan(quick) == quick
+
+
+def test_profile_summary_shape():
+    from optimizer.measure.profile import summarize_profile
+
+    entries = [("conv1", "Conv", 300.0), ("conv2", "Conv", 100.0), ("fc", "Gemm", 100.0)] * 2
+    profile = summarize_profile("onnxruntime", entries, iterations=2)
+    assert profile["total_ms"] == pytest.approx(0.5)
+    assert profile["by_op_type"][0] == {"op_type": "Conv", "ms": pytest.approx(0.4), "share": pytest.approx(0.8)}
+    assert profile["top_ops"][0]["name"] == "conv1"

@@ -252,7 +252,7 @@ def test_wrong_stage_order_names_stage_and_forms(recipe_file):
     message = str(info.value)
     assert "stages.0 (int8_first)" in message
     assert "quantize.nncf" in message
-    assert "takes onnx but receives torch" in message
+    assert "takes onnx/openvino but receives torch" in message
 
 
 def test_quantizing_an_onnx_checkpoint_needs_no_export(tmp_path, recipe_file):
@@ -420,5 +420,6 @@ def test_cli_passes_lists_the_builtins(tmp_path):
     rows = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
     assert {"export.onnx", "quantize.nncf", "quantize.ort"} <= set(rows)
     assert "torch -> onnx" in rows["export.onnx"]
-    assert "onnx -> onnx" in rows["quantize.nncf"]
+    assert "onnx/openvino -> onnx/openvino" in rows["quantize.nncf"]
+    assert "onnx -> openvino" in rows["compile.openvino"]
     assert "cannot load" not in result.stdout

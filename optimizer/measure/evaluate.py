@@ -41,6 +41,7 @@ def evaluate_artifact(
     import_paths: list[Path],
     progress: "Progress",
     runtime_options: dict[str, Any] | None = None,
+    profile: bool = False,
 ) -> dict[str, Any]:
     measurements_dir.mkdir(parents=True, exist_ok=True)
     request = {
@@ -54,6 +55,10 @@ def evaluate_artifact(
         "result_json": str(measurements_dir / "result.json"),
         "predictions_npy": str(measurements_dir / "predictions.npy"),
         "raw_times_npy": str(measurements_dir / "latency_ms.npy"),
+        "correct_npy": str(measurements_dir / "correct.npy"),
+        # Written by the baseline's own measurement; every later stage is paired against it.
+        "baseline_correct_npy": None if stage == "baseline" else str(measurements_dir.parent / "baseline" / "correct.npy"),
+        "profile": profile,
     }
     request_path = measurements_dir / "request.json"
     request_path.write_text(json.dumps(request, indent=2))

@@ -87,10 +87,11 @@ def warm_up(fn: Callable[[], object], seconds: float) -> int:
 
 
 def time_iterations(
-    fn: Callable[[], object], plan: TimingPlan, on_progress: Callable[[float], None] | None = None
+    fn: Callable[[], object], plan: TimingPlan, on_progress: Callable[[float], None] | None = None,
+    *, warm: bool = True,
 ) -> tuple[dict, np.ndarray]:
     """Time ``fn`` per iteration. Returns (summary, raw times in ms)."""
-    warmups = warm_up(fn, plan.warmup_s)
+    warmups = warm_up(fn, plan.warmup_s) if warm else 0
     times: list[int] = []
     clock = time.perf_counter_ns
     start = clock()
@@ -112,6 +113,49 @@ def time_iterations(
     summary = summarize(raw_ms)
     summary.update({"warmup_iterations": warmups, "duration_s": (clock() - start) / 1e9, "mode": plan.mode})
     return summary, raw_ms
+
+
+def time_trials(
+    fn: Callable[[], object], plan: TimingPlan, trials: int, on_progress: Callable[[float], None] | None = None
+) -> tuple[dict, np.ndarray]:
+    """Warm up once, then time ``trials`` back-to-back blocks that share the plan's iterations and duration.
+
+    The pooled times give the percentiles and the interval of the median; the blocks' own medians show
+    drift within the measurement (thermal, frequency, a neighbour waking up), which a single interval
+    computed as if the iterations were independent would hide.
+    """
+    warmups = warm_up(fn, plan.warmup_s)
+    share = TimingPlan(warmup_s=0.0, min_iterations=max(10, math.ceil(plan.min_iterations / trials)),
+                       min_duration_s=plan.min_duration_s / trials, max_duration_s=plan.max_duration_s / trials,
+                       mode=plan.mode)
+    blocks: list[np.ndarray] = []
+    for index in range(trials):
+        report = None if on_progress is None else (lambda f, i=index: on_progress((i + f) / trials))
+        _, raw = time_iterations(fn, share, report, warm=False)
+        blocks.append(raw)
+    raw_ms = np.concatenate(blocks)
+    summary = summarize(raw_ms)
+    trial_p50 = [nearest_rank(np.sort(block), 50) for block in blocks]
+    middle = float(np.median(trial_p50))
+    spread = (max(trial_p50) - min(trial_p50)) / middle if middle > 0 else 0.0
+    summary.update({
+        "warmup_iterations": warmups,
+        "duration_s": float(raw_ms.sum() / 1e3),
+        "mode": plan.mode,
+        "trials": trials,
+        "trial_p50_ms": trial_p50,
+        "trial_spread": spread,
+        "unstable": bool(summary["unstable"] or (trials > 1 and spread > UNSTABLE_RELATIVE_CI)),
+    })
+    return summary, raw_ms
+
+
+def sweep_plan(plan: TimingPlan) -> TimingPlan:
+    """A shorter plan for each point of a batch-size sweep: the sweep shows a curve, not a p99."""
+    if plan.mode == "quick":
+        return plan
+    return TimingPlan(warmup_s=min(plan.warmup_s, 0.5), min_iterations=max(50, plan.min_iterations // 10),
+                      min_duration_s=max(1.0, plan.min_duration_s / 3), max_duration_s=plan.max_duration_s / 3)
 
 
 def measure_throughput(fn: Callable[[], object], batch_size: int, plan: TimingPlan) -> dict:

@@ -34,7 +34,8 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
     from optimizer.measure.accuracy import top1
-    from optimizer.measure.latency import TimingPlan, measure_throughput, time_iterations
+    from optimizer.measure.accuracy import mcnemar
+    from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations, time_trials
     from optimizer.runtimes.base import open_runtime
 
     artifact = Artifact.load(request["artifact"])
@@ -69,17 +70,48 @@ def measure(request: dict) -> dict:
         _progress("accuracy", min(1.0, (start_index + batch_size) / len(labels)))
     accuracy = top1(predictions, labels)
     np.save(request["predictions_npy"], predictions)
+    correct = predictions == labels
+    np.save(request["correct_npy"], correct)
+    accuracy_test = None
+    baseline_correct = request.get("baseline_correct_npy")
+    if baseline_correct and Path(baseline_correct).is_file():
+        # Paired test on the same samples: is the change from the baseline more than chance?
+        accuracy_test = mcnemar(np.load(baseline_correct, allow_pickle=False), correct)
 
-    plan = TimingPlan.from_spec(request["latency"])
-    latency, raw_ms = time_iterations(lambda: runtime.run(first_batch), plan, lambda f: _progress("latency", f))
+    spec = request["latency"]
+    plan = TimingPlan.from_spec(spec)
+    latency, raw_ms = time_trials(lambda: runtime.run(first_batch), plan, int(spec.get("trials", 1)),
+                                  lambda f: _progress("latency", f))
     latency["batch_size"] = latency_batch
     np.save(request["raw_times_npy"], raw_ms)
     _progress("latency", 1.0)
 
     throughput_size = fixed or request["latency"]["throughput_batch_size"]
     throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
-    throughput = measure_throughput(lambda: runtime.run(throughput_batch), throughput_size, plan)
+    throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan)
     _progress("throughput", 1.0)
+
+    sweep = []
+    for size in spec.get("batch_sizes") or []:
+        if fixed and size != fixed:
+            sweep.append({"batch_size": size, "skipped": f"the model's batch is fixed at {fixed}"})
+            continue
+        batch = _fixed_batch(inputs, size, request["seed"] + 2)
+        summary, _ = time_iterations(lambda b=batch: runtime.run(b), sweep_plan(plan))
+        sweep.append({
+            "batch_size": size,
+            "p50_ms": summary["p50_ms"],
+            "p50_ci95_ms": summary["p50_ci95_ms"],
+            "samples_per_s": summary["iterations"] * size / max(summary["duration_s"], 1e-9),
+            "unstable": summary["unstable"],
+        })
+        _progress("sweep", len(sweep) / len(spec["batch_sizes"]))
+
+    profile = None
+    if request.get("profile"):
+        _progress("profile", 0.0)
+        profile = runtime.profile(first_batch, iterations=50 if plan.mode == "quick" else 200)
+        _progress("profile", 1.0)
 
     result = {
         "accuracy": accuracy,
@@ -89,6 +121,9 @@ def measure(request: dict) -> dict:
         "load_s": load_s,
         "first_inference_ms": first_inference_ms,
         "runtime": runtime.settings(),
+        "accuracy_test": accuracy_test,
+        "latency_sweep": sweep,
+        "profile": profile,
     }
     runtime.close()
     return result

@@ -65,6 +65,11 @@ class Pass(ABC):
             config = self.Config.model_validate(config or {})
         self.config = config
 
+    @classmethod
+    def output_form_for(cls, input_form: str) -> str:
+        """The form this pass produces from ``input_form``; override when it keeps the input's form."""
+        return cls.output_form
+
     def required_data(self) -> tuple[DataNeed, ...]:
         """Data splits this configured pass reads; override when it depends on the config."""
         return self.needs

@@ -42,18 +42,24 @@ class QuantizeNncfConfig(PassConfig):
 
 class QuantizeNncf(Pass):
     name = "quantize.nncf"
-    summary = "NNCF post-training INT8 (Q/DQ ONNX); accuracy-controlled with max_drop."
-    input_forms = ("onnx",)
+    summary = "NNCF post-training INT8 of ONNX (Q/DQ) or OpenVINO IR; accuracy-controlled with max_drop."
+    input_forms = ("onnx", "openvino")
     output_form = "onnx"
     needs = ("calibration",)
     Config = QuantizeNncfConfig
+
+    @classmethod
+    def output_form_for(cls, input_form: str) -> str:
+        return input_form  # NNCF quantizes either form in place: ONNX stays ONNX, IR stays IR
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         import nncf
 
         cfg: QuantizeNncfConfig = self.config  # type: ignore[assignment]
-        model = load_onnx(artifact.entry_path)
-        refuse_quantized(model, stage=ctx.stage)
+        openvino_form = artifact.form == "openvino"
+        model = self._load_openvino(artifact, ctx) if openvino_form else load_onnx(artifact.entry_path)
+        if not openvino_form:
+            refuse_quantized(model, stage=ctx.stage)
         if ctx.progress.quiet:
             import logging
 
@@ -78,16 +84,37 @@ class QuantizeNncf(Pass):
                 quantized = self._with_accuracy_control(nncf, model, calibration, options, ctx)
         except nncf.ValidationError as exc:
             raise StageError(f"stage '{ctx.stage}': NNCF rejected the configuration: {first_line(exc)}") from None
-        out = ctx.work_dir / "model.onnx"
-        save_onnx(quantized, out)
-        nodes = [n.op_type for n in quantized.graph.node]
-        facts = {
-            "precision": "int8",
-            "quantize_nodes": nodes.count("QuantizeLinear"),
-            "dequantize_nodes": nodes.count("DequantizeLinear"),
-        }
+        if openvino_form:
+            import openvino as ov
+
+            entry = "model.xml"
+            ov.save_model(quantized, str(ctx.work_dir / entry), compress_to_fp16=False)
+            facts = {"precision": "int8",
+                     "fake_quantize_nodes": sum(op.get_type_name() == "FakeQuantize" for op in quantized.get_ops())}
+        else:
+            entry = "model.onnx"
+            save_onnx(quantized, ctx.work_dir / entry)
+            nodes = [n.op_type for n in quantized.graph.node]
+            facts = {
+                "precision": "int8",
+                "quantize_nodes": nodes.count("QuantizeLinear"),
+                "dequantize_nodes": nodes.count("DequantizeLinear"),
+            }
         ctx.details["quantization"] = {"tool": "nncf", "version": nncf.__version__, **facts}
-        return self.new_artifact(artifact, ctx, entry="model.onnx", meta=dict(artifact.meta), facts=facts)
+        return self.new_artifact(artifact, ctx, entry=entry, form=artifact.form, meta=dict(artifact.meta), facts=facts)
+
+    @staticmethod
+    def _load_openvino(artifact: Artifact, ctx: PassContext):
+        from optimizer.errors import RecipeError
+        from optimizer.runtimes.openvino_cpu import check_ir_files, import_openvino
+
+        ov = import_openvino(f"stage '{ctx.stage}'")
+        xml, weights = check_ir_files(artifact)
+        model = ov.Core().read_model(str(xml), str(weights))
+        if any(op.get_type_name() == "FakeQuantize" for op in model.get_ops()):
+            raise RecipeError(f"stage '{ctx.stage}': the input IR is already quantized (it has FakeQuantize "
+                              "nodes); quantize the float model instead")
+        return model
 
     def _with_accuracy_control(self, nncf, model, calibration, options, ctx: PassContext):
         import onnxruntime as ort
@@ -100,11 +127,16 @@ class QuantizeNncf(Pass):
         threads = ctx.threads
 
         def validate(candidate, data_items) -> tuple[float, list[float]]:
-            options_ = ort.SessionOptions()
-            options_.intra_op_num_threads = threads
-            session = ort.InferenceSession(candidate.SerializeToString(), options_, providers=["CPUExecutionProvider"])
-            output = session.get_outputs()[0].name
-            per_item = [float(session.run([output], x)[0].argmax() == y) for x, y in data_items]
+            if hasattr(candidate, "SerializeToString"):  # an ONNX ModelProto
+                options_ = ort.SessionOptions()
+                options_.intra_op_num_threads = threads
+                session = ort.InferenceSession(candidate.SerializeToString(), options_,
+                                               providers=["CPUExecutionProvider"])
+                output = session.get_outputs()[0].name
+                infer = lambda x: session.run([output], x)[0]  # noqa: E731
+            else:  # an OpenVINO CompiledModel: NNCF compiles each candidate itself, with f32 precision
+                infer = lambda x: candidate(x)[0]  # noqa: E731
+            per_item = [float(infer(x).argmax() == y) for x, y in data_items]
             return (float(np.mean(per_item)) if per_item else 0.0), per_item
 
         validation = nncf.Dataset(items, lambda item: item[0])

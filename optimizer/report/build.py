@@ -73,6 +73,12 @@ def stage_record(
             "non_finite_outputs": metrics["non_finite_outputs"],
             "raw_latency_file": Path(metrics["raw_times_file"]).relative_to(out_dir).as_posix(),
         })
+        if metrics.get("accuracy_test"):
+            record["accuracy_test"] = metrics["accuracy_test"]
+        if metrics.get("latency_sweep"):
+            record["latency_sweep"] = metrics["latency_sweep"]
+        if metrics.get("profile"):
+            record["profile"] = metrics["profile"]
     if details:
         record["details"] = details
     if error is not None:
@@ -107,6 +113,9 @@ def build_report(loaded: LoadedRecipe, environment: dict[str, Any], records: lis
     for record in records[1:]:
         if record["status"] == "ok":
             record["vs_baseline"] = _change(record, baseline)
+            if record["vs_baseline"] is not None and record.get("accuracy_test"):
+                # McNemar on the same eval samples: is the accuracy change more than chance?
+                record["vs_baseline"]["accuracy_test"] = record["accuracy_test"]
             record["vs_previous"] = _change(record, previous)
             previous = record
     passed = all(r["status"] == "ok" for r in records) and len(records) == len(loaded.recipe.stages) + 1

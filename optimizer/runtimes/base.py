@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,18 @@ class Runtime(ABC):
         outputs = [self.run({k: v[i : i + size] for k, v in inputs.items()}) for i in range(0, total, size)]
         return np.concatenate(outputs)
 
+    def offline_runner(self, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
+        """A call that processes the whole batch ``inputs`` once, for the offline (throughput) scenario.
+
+        The default runs it as one batch; a runtime with a better way to serve a batch (several streams,
+        asynchronous requests) overrides this.
+        """
+        return lambda: self.run(inputs)
+
+    def profile(self, inputs: dict[str, np.ndarray], iterations: int) -> dict[str, Any] | None:
+        """Time per operator over ``iterations`` runs (see measure/profile.py); None when not supported."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         """Runtime settings recorded with every measurement."""
         return {"runtime": self.name, "threads": self.threads}
@@ -45,6 +58,8 @@ class Runtime(ABC):
 RUNTIME_BY_FORM = {
     "torch": "optimizer.runtimes.torch_eager:TorchEagerRuntime",
     "onnx": "optimizer.runtimes.onnxruntime_cpu:OnnxRuntime",
+    "openvino": "optimizer.runtimes.openvino_cpu:OpenVinoRuntime",
+    "tensorrt": "optimizer.runtimes.tensorrt_gpu:TensorRTRuntime",
 }
 
 

@@ -51,6 +51,38 @@ class OnnxRuntime(Runtime):
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run([self._output], {name: inputs[name] for name in self._names})[0]
 
+    def profile(self, inputs: dict[str, np.ndarray], iterations: int) -> dict[str, Any] | None:
+        import json
+        import tempfile
+        from pathlib import Path
+
+        import onnxruntime as ort
+
+        from optimizer.measure.profile import summarize_profile
+
+        # A separate session: profiling slows every run, and the measured session must stay untouched.
+        with tempfile.TemporaryDirectory(prefix="ort-profile-") as folder:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = self.session.get_session_options().graph_optimization_level
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(folder) / "profile")
+            session = ort.InferenceSession(str(self.artifact.entry_path), options, providers=["CPUExecutionProvider"])
+            feed = {name: inputs[name] for name in self._names}
+            for _ in range(iterations + 1):
+                session.run([self._output], feed)
+            events = json.loads(Path(session.end_profiling()).read_text())
+        # Each executed node logs an event named '<node>_kernel_time' with its op type and duration (us).
+        kernels = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+        if not kernels:
+            return None
+        per_run = len(kernels) // (iterations + 1)
+        entries = [(e["name"][: -len("_kernel_time")], e.get("args", {}).get("op_name", "?"), float(e["dur"]))
+                   for e in kernels[per_run:]]  # the first run is warm-up (allocations, caches)
+        return summarize_profile("onnxruntime", entries, iterations)
+
     def settings(self) -> dict[str, Any]:
         return {
             "runtime": self.name,

@@ -56,6 +56,20 @@ class TorchEagerRuntime(Runtime):
             out = next(iter(out.values()))
         return out.detach().numpy()
 
+    def profile(self, inputs: dict[str, np.ndarray], iterations: int) -> dict[str, Any] | None:
+        from torch.profiler import ProfilerActivity, profile
+
+        from optimizer.measure.profile import summarize_profile
+
+        self.run(inputs)  # outside the profile: first-call allocations are not the model's steady state
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iterations):
+                self.run(inputs)
+        # Self time: an aten op's own time without its children, so nested ops are not counted twice.
+        entries = [(event.key, event.key, float(event.self_cpu_time_total)) for event in prof.key_averages()
+                   if event.self_cpu_time_total > 0]
+        return summarize_profile("torch.profiler", entries, iterations)
+
     def settings(self) -> dict[str, Any]:
         torch = self._torch
         return {"runtime": self.name, "threads": torch.get_num_threads(), "torch": torch.__version__}

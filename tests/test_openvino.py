@@ -1,0 +1,157 @@
+"""compile.openvino and the OpenVINO runtime on the trained example: accuracy, latency, reload, safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from optimizer import run_recipe
+from optimizer.artifact import Artifact
+from optimizer.errors import InputRejected, RecipeError
+from optimizer.recipe import load_recipe
+from optimizer.validate import validate_recipe
+from tests.conftest import REPO, quickstart_dict
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'optimizer[openvino]'")
+
+
+def openvino_recipe(checkpoint: Path, stages: list[dict] | None = None, eval_samples: int = 2000) -> dict:
+    recipe = yaml.safe_load((REPO / "recipes" / "cpu_openvino_int8.yaml").read_text())
+    recipe["model"]["checkpoint"] = str(checkpoint)
+    recipe["evaluate"]["latency"]["mode"] = "quick"
+    recipe["data"]["eval"]["samples"] = eval_samples
+    if stages is not None:
+        recipe["stages"] = stages
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def int8_run(example_checkpoint: Path, tmp_path_factory):
+    """recipes/cpu_openvino_int8.yaml as shipped (export -> NNCF INT8 -> OpenVINO), test-sized measurement."""
+    out = tmp_path_factory.mktemp("ov_int8") / "out"
+    return run_recipe(openvino_recipe(example_checkpoint), out=out), out
+
+
+@pytest.fixture(scope="module")
+def fp32_run(example_checkpoint: Path, tmp_path_factory):
+    """export -> compile.openvino (f32) -> quantize.nncf on the IR."""
+    stages = [
+        {"name": "export", "pass": "export.onnx"},
+        {"name": "openvino", "pass": "compile.openvino", "with": {"precision_hint": "f32"}},
+        {"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 300}},
+    ]
+    out = tmp_path_factory.mktemp("ov_fp32") / "out"
+    return run_recipe(openvino_recipe(example_checkpoint, stages), out=out), out
+
+
+def test_openvino_int8_stage_keeps_onnx_accuracy_and_is_measured(int8_run) -> None:
+    report, out = int8_run
+    assert report.passed
+    int8, ov = report.stage("int8"), report.stage("openvino")
+    assert ov["form"] == "openvino" and ov["precision"] == "int8"
+    assert abs(ov["accuracy"]["value"] - int8["accuracy"]["value"]) <= 0.005
+    assert ov["latency"]["p50_ms"] > 0 and ov["throughput"]["samples_per_s"] > 0
+    # The precision actually in force is read back from the compiled model and recorded.
+    assert ov["runtime"]["runtime"] == "openvino"
+    assert ov["runtime"]["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
+    assert ov["runtime"]["properties"]["PERFORMANCE_HINT"] == "LATENCY"
+    assert ov["runtime"]["properties"]["INFERENCE_NUM_THREADS"] == "1"
+    assert ov["details"]["fidelity"]["top1_agreement"] >= 0.98
+    assert {"model.xml", "model.bin"} <= {p.name for p in (out / "final").iterdir()}
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert "openvino" in json.dumps(manifest)
+
+
+def test_openvino_ir_reloads_in_a_fresh_process_with_identical_outputs(int8_run) -> None:
+    _, out = int8_run
+    folder = out / "artifacts" / "openvino"
+    artifact = Artifact.load(folder, verify=True)
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime
+
+    inputs = {"images": np.random.default_rng(0).standard_normal((4, 1, 28, 28)).astype(np.float32)}
+    here = OpenVinoRuntime(artifact, threads=1).run(inputs)
+    np.save(out / "inputs.npy", inputs["images"])
+    script = (
+        "import sys, numpy as np\n"
+        "from optimizer.artifact import Artifact\n"
+        "from optimizer.runtimes.openvino_cpu import OpenVinoRuntime\n"
+        f"a = Artifact.load({str(folder)!r}, verify=True)\n"
+        f"x = np.load({str(out / 'inputs.npy')!r})\n"
+        f"np.save({str(out / 'fresh.npy')!r}, OpenVinoRuntime(a, threads=1).run({{'images': x}}))\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env=dict(os.environ))
+    np.testing.assert_array_equal(np.load(out / "fresh.npy"), here)
+
+
+def test_fp32_openvino_matches_onnx_and_nncf_quantizes_the_ir(fp32_run) -> None:
+    report, out = fp32_run
+    assert report.passed
+    export, ov, int8 = report.stage("export"), report.stage("openvino"), report.stage("int8")
+    assert ov["precision"] == "fp32" and ov["details"]["fidelity"]["elementwise_checked"]
+    assert ov["details"]["fidelity"]["within_tolerance"]
+    assert abs(ov["accuracy"]["value"] - export["accuracy"]["value"]) <= 0.002
+    # quantize.nncf keeps the OpenVINO form: the IR gains FakeQuantize nodes and stays within a point.
+    assert int8["form"] == "openvino" and int8["precision"] == "int8"
+    assert int8["details"]["quantization"]["fake_quantize_nodes"] > 0
+    assert export["accuracy"]["value"] - int8["accuracy"]["value"] <= 0.01
+    assert int8["runtime"]["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_offline_measurement_uses_a_throughput_hinted_model(fp32_run) -> None:
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime, property_text
+
+    _, out = fp32_run
+    runtime = OpenVinoRuntime(Artifact.load(out / "artifacts" / "openvino"), threads=1)
+    batch = {"images": np.zeros((8, 1, 28, 28), np.float32)}
+    run_all = runtime.offline_runner(batch)
+    run_all()
+    compiled, _ = runtime._offline
+    assert property_text(compiled.get_property("PERFORMANCE_HINT")) == "THROUGHPUT"
+    assert property_text(compiled.get_property("INFERENCE_PRECISION_HINT")) == "f32"
+
+
+def test_compile_properties_leave_nothing_to_defaults() -> None:
+    from optimizer.runtimes.openvino_cpu import compile_properties
+
+    latency = compile_properties(precision="f32", performance_hint="latency", threads=2)
+    assert latency["INFERENCE_PRECISION_HINT"] == "f32" and latency["NUM_STREAMS"] == 1
+    assert latency["INFERENCE_NUM_THREADS"] == 2 and latency["PERFORMANCE_HINT"] == "LATENCY"
+    throughput = compile_properties(precision="bf16", performance_hint="throughput", threads=1)
+    assert "NUM_STREAMS" not in throughput and throughput["INFERENCE_PRECISION_HINT"] == "bf16"
+    with pytest.raises(ValueError, match="precision hint"):
+        compile_properties(precision="fp32", performance_hint="latency", threads=1)
+
+
+def test_ir_weights_outside_the_artifact_folder_are_refused(int8_run, tmp_path: Path) -> None:
+    import shutil
+
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime
+
+    _, out = int8_run
+    folder = tmp_path / "ir"
+    shutil.copytree(out / "artifacts" / "openvino", folder)
+    outside = tmp_path / "elsewhere.bin"
+    (folder / "model.bin").rename(outside)
+    (folder / "model.bin").symlink_to(outside)
+    with pytest.raises(InputRejected, match="outside"):
+        OpenVinoRuntime(Artifact.load(folder), threads=1)
+
+
+def test_shipped_recipe_validates_and_forms_chain(example_checkpoint: Path) -> None:
+    loaded = load_recipe(REPO / "recipes" / "cpu_openvino_int8.yaml")
+    checks = {check.what: check.detail for check in validate_recipe(loaded)}
+    assert checks["forms"] == "torch -> onnx -> onnx -> openvino"
+
+
+def test_compile_openvino_on_a_torch_model_is_a_recipe_error(example_checkpoint: Path) -> None:
+    recipe = quickstart_dict(example_checkpoint)
+    recipe["stages"] = [{"name": "openvino", "pass": "compile.openvino"}]
+    with pytest.raises(RecipeError, match="takes onnx but receives torch"):
+        validate_recipe(load_recipe(recipe))
