@@ -155,3 +155,21 @@ def test_compile_openvino_on_a_torch_model_is_a_recipe_error(example_checkpoint:
     recipe["stages"] = [{"name": "openvino", "pass": "compile.openvino"}]
     with pytest.raises(RecipeError, match="takes onnx but receives torch"):
         validate_recipe(load_recipe(recipe))
+
+
+def test_every_runtime_profiles_per_operator_in_a_fresh_process(int8_run) -> None:
+    from optimizer.measure.profile import format_profile, profile_artifact
+
+    _, out = int8_run
+    tools = {}
+    for stage in ("baseline", "export", "int8", "openvino"):
+        profile = profile_artifact(out / "artifacts" / stage, threads=1, iterations=5)
+        assert profile["by_op_type"] and profile["total_ms"] > 0
+        assert sum(row["share"] for row in profile["by_op_type"]) == pytest.approx(1.0)
+        tools[stage] = profile["tool"]
+        assert stage in format_profile(stage, profile)
+    assert tools == {"baseline": "torch.profiler", "export": "onnxruntime", "int8": "onnxruntime",
+                     "openvino": "openvino perf counters"}
+    # The INT8 models run integer kernels: the profile shows where the quantized time goes.
+    assert any("QLinear" in row["op_type"] or "Integer" in row["op_type"]
+               for row in profile_artifact(out / "artifacts" / "int8", threads=1, iterations=5)["by_op_type"])

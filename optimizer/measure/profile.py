@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 TOP_OPERATORS = 10
 
@@ -36,3 +37,62 @@ def summarize_profile(tool: str, entries: Iterable[tuple[str, str, float]], iter
             for (name, op_type), micros in sorted(by_name.items(), key=lambda item: -item[1])[:TOP_OPERATORS]
         ],
     }
+
+
+def format_profile(stage: str, profile: dict, top: int = 8) -> str:
+    """A plain-text table of the operator types that take the most time."""
+    lines = [f"{stage}: {profile['tool']}, {profile['total_ms']:.3f} ms per inference in operators "
+             f"(mean of {profile['iterations']} runs)"]
+    for row in profile["by_op_type"][:top]:
+        lines.append(f"  {row['share']:6.1%}  {row['ms']:9.4f} ms  {row['op_type']}")
+    return "\n".join(lines)
+
+
+def profile_artifact(folder: Path, *, threads: int, iterations: int, batch_size: int = 1) -> dict | None:
+    """Profile one artifact in a fresh process (thread pools of different runtimes must not share one)."""
+    import json
+    import subprocess
+    import sys
+
+    from optimizer.errors import StageError
+    from optimizer.measure.evaluate import worker_environment
+
+    done = subprocess.run(
+        [sys.executable, "-m", "optimizer.measure.profile", str(folder), str(threads), str(iterations),
+         str(batch_size)],
+        capture_output=True, text=True, env=worker_environment(threads, [Path.cwd()]),
+    )
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise StageError(f"{folder}: profiling failed: {last[:300]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _main(argv: list[str]) -> int:
+    import json
+
+    import numpy as np
+
+    from optimizer.artifact import Artifact
+    from optimizer.runtimes.base import open_runtime
+
+    folder, threads, iterations, batch_size = Path(argv[0]), int(argv[1]), int(argv[2]), int(argv[3])
+    artifact = Artifact.load(folder, verify=True)
+    runtime = open_runtime(artifact, threads=threads)
+    batch = runtime.fixed_batch or batch_size
+    rng = np.random.default_rng(0)
+    # Seeded synthetic inputs of the artifact's spec: operator times depend on shapes, not on values
+    # (integer inputs such as token ids are drawn in a small valid range).
+    inputs = {
+        spec.name: (rng.integers(0, 100, size=[batch, *spec.shape[1:]]) if "int" in spec.dtype
+                    else rng.standard_normal([batch, *spec.shape[1:]])).astype(spec.dtype)
+        for spec in artifact.inputs
+    }
+    print(json.dumps(runtime.profile(inputs, iterations)))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
