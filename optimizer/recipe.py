@@ -209,9 +209,19 @@ class LatencySpec(StrictModel):
     )
 
 
+class OnnxRuntimeSpec(StrictModel):
+    providers: list[Literal["cpu", "cuda", "tensorrt"]] = Field(
+        default_factory=lambda: ["cpu"], min_length=1,
+        description="Execution providers for ONNX stages, in order of preference (CPU is always the fallback "
+        "for unsupported nodes). 'cuda' and 'tensorrt' need onnxruntime-gpu and an NVIDIA GPU; a missing one "
+        "is an error, never a silent CPU run.",
+    )
+
+
 class EvaluateSection(StrictModel):
     accuracy: AccuracySpec = Field(default_factory=AccuracySpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
+    onnxruntime: OnnxRuntimeSpec = Field(default_factory=OnnxRuntimeSpec)
     profile: bool = Field(
         default=False,
         description="Profile every stage on its runtime (PyTorch profiler, onnxruntime profiling, OpenVINO "

@@ -382,3 +382,14 @@ def test_profile_summary_shape():
     assert profile["total_ms"] == pytest.approx(0.5)
     assert profile["by_op_type"][0] == {"op_type": "Conv", "ms": pytest.approx(0.4), "share": pytest.approx(0.8)}
     assert profile["top_ops"][0]["name"] == "conv1"
+
+
+def test_onnxruntime_providers_never_fall_back_silently():
+    from optimizer.errors import MissingDependency
+    from optimizer.runtimes.onnxruntime_cpu import session_providers
+
+    assert session_providers(["cpu"], ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert session_providers(["cuda"], ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider", "CPUExecutionProvider"]
+    with pytest.raises(MissingDependency, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+        session_providers(["cuda"], ["CPUExecutionProvider"])

@@ -72,4 +72,5 @@ def open_runtime(artifact: Artifact, *, threads: int, options: dict[str, Any] | 
     if target is None:
         raise RecipeError(f"{artifact.path}: no runtime for the '{artifact.form}' form in this version")
     cls = import_object(target, where=f"runtime for {artifact.form}")
-    return cls(artifact, threads=threads, **(options or {}))  # type: ignore[operator]
+    # Options are keyed by form ({"onnx": {"providers": [...]}}): each runtime takes only its own.
+    return cls(artifact, threads=threads, **(options or {}).get(artifact.form, {}))  # type: ignore[operator]

@@ -10,10 +10,38 @@ from optimizer.artifact import Artifact
 from optimizer.runtimes.base import Runtime
 
 
+PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                  "tensorrt": "TensorrtExecutionProvider"}
+
+
+def session_providers(requested: list[str], available: list[str]) -> list[str]:
+    """onnxruntime provider names for the recipe's list, CPU last as the fallback for unsupported nodes.
+
+    A provider the recipe asks for but this onnxruntime lacks is an error, not a silent CPU run: the
+    report would otherwise show CPU figures under a GPU label.
+    """
+    from optimizer.errors import MissingDependency
+
+    names = []
+    for short in requested:
+        name = PROVIDER_NAMES[short]
+        if name not in available:
+            raise MissingDependency(
+                f"onnxruntime has no {name} here (available: {', '.join(available)}); install onnxruntime-gpu "
+                "on a machine with an NVIDIA GPU (and TensorRT for 'tensorrt'), or set "
+                "evaluate.onnxruntime.providers to [cpu]"
+            )
+        names.append(name)
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    return names
+
+
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
-    def __init__(self, artifact: Artifact, *, threads: int, graph_optimization: str = "all"):
+    def __init__(self, artifact: Artifact, *, threads: int, graph_optimization: str = "all",
+                 providers: list[str] | None = None):
         super().__init__(artifact, threads=threads)
         import onnxruntime as ort
 
@@ -31,7 +59,8 @@ class OnnxRuntime(Runtime):
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         }[graph_optimization]
         self._graph_optimization = graph_optimization
-        self.session = ort.InferenceSession(str(artifact.entry_path), options, providers=["CPUExecutionProvider"])
+        self._providers = session_providers(providers or ["cpu"], ort.get_available_providers())
+        self.session = ort.InferenceSession(str(artifact.entry_path), options, providers=self._providers)
         self._version = ort.__version__
         self._names = [i.name for i in self.session.get_inputs()]
         self._output = self.session.get_outputs()[0].name
@@ -69,7 +98,7 @@ class OnnxRuntime(Runtime):
             options.graph_optimization_level = self.session.get_session_options().graph_optimization_level
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(folder) / "profile")
-            session = ort.InferenceSession(str(self.artifact.entry_path), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(self.artifact.entry_path), options, providers=self._providers)
             feed = {name: inputs[name] for name in self._names}
             for _ in range(iterations + 1):
                 session.run([self._output], feed)
