@@ -27,6 +27,11 @@ class QuantizeOrtConfig(PassConfig):
     preprocess: bool = Field(default=True, description="Run onnxruntime's quant_pre_process (shape inference, fusions) first.")
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names left in float.")
     op_types_to_quantize: list[str] | None = Field(default=None, description="Only these operator types (default: all).")
+    symmetric: bool = Field(
+        default=False,
+        description="Symmetric activations and weights (zero points 0), as TensorRT requires; use with "
+        "activation_type: int8.",
+    )
 
 
 class QuantizeOrt(Pass):
@@ -86,7 +91,8 @@ class QuantizeOrt(Pass):
                     calibrate_method=methods[cfg.calibrate_method],
                     nodes_to_exclude=cfg.nodes_to_exclude or None,
                     op_types_to_quantize=cfg.op_types_to_quantize,
-                    extra_options={"CalibTensorRangeSymmetric": False},
+                    extra_options={"CalibTensorRangeSymmetric": False,
+                                   **({"ActivationSymmetric": True, "WeightSymmetric": True} if cfg.symmetric else {})},
                 )
             except Exception as exc:
                 first = first_line(exc, 300)
