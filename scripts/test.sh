@@ -3,4 +3,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test,openvino
+# The HTML report is checked in headless Chromium (tests/test_report_html.py).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd apt-get install -y -qq chromium >/dev/null
+fi
 .venv/bin/python -m pytest -m "not slow and not gpu" --timeout 900 "$@"

@@ -1,4 +1,4 @@
-"""report.md: the stage table with changes against the baseline and the previous stage."""
+"""report.md: the verdict and the stage table, for terminals and pull requests."""
 
 from __future__ import annotations
 
@@ -6,24 +6,80 @@ from typing import Any
 
 from optimizer.measure.environment import describe
 from optimizer.report.rows import COLUMNS, notes, stage_rows
+from optimizer.report.verdict import verdict
+
+
+def md(text: object, *, cell: bool = False) -> str:
+    """Text from a report inside Markdown: stage names and error messages must not turn into HTML on a
+    code-hosting site that renders the file, nor (``cell``) close a table cell."""
+    out = str(text).replace("<", "&lt;").replace(">", "&gt;").replace("\r", " ").replace("\n", " ")
+    return out.replace("\\", "\\\\").replace("|", "\\|") if cell else out
+
+
+def table(columns: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(md(c, cell=True) for c in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(md(value, cell=True) for value in row) + " |" for row in rows]
+    return lines
+
+
+def verdict_paragraph(report: dict[str, Any]) -> list[str]:
+    result = verdict(report)
+    return [f"**{md(result.headline)}**", "", " ".join(md(s) for s in result.sentences)]
+
+
+def _sweep(report: dict[str, Any]) -> list[str]:
+    series = [(s["name"], s["latency_sweep"]) for s in report["stages"] if s.get("latency_sweep")]
+    if not series:
+        return []
+    sizes = sorted({int(p["batch_size"]) for _, pts in series for p in pts if p.get("batch_size")})
+    rows = []
+    for name, pts in series:
+        by_size = {int(p["batch_size"]): p for p in pts if p.get("batch_size")}
+        row = [name]
+        for b in sizes:
+            p = by_size.get(b)
+            if p is None or p.get("p50_ms") is None:
+                row.append("–")
+                continue
+            cell = f"{p['p50_ms']:.3f} ms, {p.get('samples_per_s', 0):,.0f}/s"
+            row.append(cell + (" unstable" if p.get("unstable") else ""))
+        rows.append(row)
+    return ["", "## Batch-size sweep", "", "p50 latency per batch and samples per second.", "",
+            *table(["stage", *(f"batch {b}" for b in sizes)], rows)]
+
+
+def _profile(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in report["stages"]:
+        profile = s.get("profile")
+        if not isinstance(profile, dict) or not profile.get("by_op_type"):
+            continue
+        ranked = sorted(profile["by_op_type"], key=lambda e: -float(e.get("ms") or 0))[:5]
+        shares = ", ".join(f"{md(e.get('op_type', '?'))} {float(e.get('share') or 0) * 100:.0f} %" for e in ranked)
+        lines.append(f"- {md(s['name'])} ({md(profile.get('tool', '?'))}): {shares}")
+    return ["", "## Where the time goes", "", *lines] if lines else []
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    recipe = report["recipe"]
+    recipe = report.get("recipe") or {}
     lines = [
-        f"# {recipe['name']}: optimization report",
+        f"# {md(recipe.get('name', 'run'))}: optimization report",
         "",
-        f"**{'PASSED' if report['passed'] else 'FAILED'}** · {report['finished']} · {report['duration_s']} s",
+        f"**{'PASSED' if report.get('passed') else 'FAILED'}** · {md(report.get('finished', '?'))} · "
+        f"{report.get('duration_s', '?')} s",
         "",
-        f"Environment: {describe(report['environment'])}",
+        *verdict_paragraph(report),
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" for _ in COLUMNS) + "|",
+        "## Stages",
+        "",
+        *table(COLUMNS, stage_rows(report)),
+        "",
     ]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in stage_rows(report)]
-    lines.append("")
     for note in notes(report):
-        lines.append(f"- {note}")
+        lines.append(f"- {md(note)}")
+    lines += _sweep(report)
+    lines += _profile(report)
+    lines += ["", f"Environment: {md(describe(report.get('environment') or {}))}"]
     if report.get("final"):
         lines += ["", "Deployable artifact: `final/` (see `final/manifest.json`)."]
     return "\n".join(lines) + "\n"

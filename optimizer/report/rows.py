@@ -1,66 +1,145 @@
-"""The stage table as rows of strings, shared by the Markdown, HTML and terminal renderings."""
+"""The stage table as cells, shared by the Markdown, HTML and terminal renderings.
+
+A cell keeps its value, its interval or test result, and whether the change is significant apart, so
+the HTML page can style them while Markdown and the terminal print them as one string.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from optimizer.measure.latency import TimingPlan
+
 COLUMNS = ["stage", "pass", "form", "precision", "size MB", "params", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base",
-           "p50 ms (95% CI)", "p90 ms", "p99 ms", "speedup vs base", "vs prev", "samples/s", "status"]
+           "Δ top-1 vs prev", "p50 ms (95% CI)", "p90 ms", "p99 ms", "speedup vs base", "speedup vs prev", "samples/s",
+           "status"]
+
+# Marks on a cell: a significant improvement or regression, a change that is not significant, a figure
+# too noisy to trust.
+BETTER, WORSE, NOT_SIGNIFICANT, UNSTABLE = "better", "worse", "ns", "unstable"
+
+
+@dataclass(frozen=True)
+class Cell:
+    value: str
+    detail: str = ""            # interval or test result: in brackets in text, under the value in HTML
+    suffix: str = ""            # a word that must stay visible next to the value ("unstable")
+    mark: str | None = None
+    title: str | None = None    # a longer explanation (tooltip in HTML)
+
+    @property
+    def text(self) -> str:
+        out = self.value + (f" ({self.detail})" if self.detail else "")
+        return out + (f" {self.suffix}" if self.suffix else "")
+
+
+DASH = Cell("–")
 
 
 def _pct(value: float) -> str:
     return f"{value * 100:.2f}"
 
 
-def _speed(change: dict[str, Any] | None) -> str:
+def speed_cell(change: dict[str, Any] | None) -> Cell:
     if not change or change.get("speedup") is None:
-        return "–"
-    mark = "" if change["latency_significant"] else " (n.s.)"
-    return f"{change['speedup']:.2f}×{mark}"
+        return DASH
+    speedup = change["speedup"]
+    if not change.get("latency_significant"):
+        return Cell(f"{speedup:.2f}×", "n.s.", mark=NOT_SIGNIFICANT,
+                    title="not significant: the 95 % intervals of the medians overlap or one side is unstable")
+    return Cell(f"{speedup:.2f}×", mark=BETTER if speedup > 1 else WORSE)
 
 
-def stage_rows(report: dict[str, Any]) -> list[list[str]]:
+def accuracy_delta_cell(change: dict[str, Any] | None) -> Cell:
+    """Change in top-1 points, with McNemar's p-value when the report has the paired test."""
+    if not change or change.get("accuracy_delta") is None:
+        return DASH
+    value = f"{change['accuracy_delta'] * 100:+.2f}"
+    test = change.get("accuracy_test")
+    if not test or test.get("p_value") is None:
+        return Cell(value)
+    p = f"p={test['p_value']:.2g}"
+    counts = (f"McNemar: {test.get('only_baseline_right')} samples right only before, "
+              f"{test.get('only_stage_right')} right only after")
+    if not test.get("significant"):
+        return Cell(value, f"{p}, n.s.", mark=NOT_SIGNIFICANT, title=counts)
+    return Cell(value, p, mark=BETTER if change["accuracy_delta"] > 0 else WORSE, title=counts)
+
+
+def previous_change(stage: dict[str, Any], previous_is_baseline: bool) -> dict[str, Any] | None:
+    """``vs_previous``, with the baseline's paired test when the previous stage is the baseline: the two
+    comparisons are then the same one, and reports carry the test only in ``vs_baseline``."""
+    change = stage.get("vs_previous")
+    test = (stage.get("vs_baseline") or {}).get("accuracy_test")
+    if change and previous_is_baseline and test and not change.get("accuracy_test"):
+        return {**change, "accuracy_test": test}
+    return change
+
+
+def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
     rows = []
+    ok_before = 0   # stages with status ok so far: vs_previous compares with the last of them
     for s in report["stages"]:
-        if "accuracy" in s:
+        if "accuracy" in s and "latency" in s:
             acc = s["accuracy"]
             lat = s["latency"]
             low, high = acc["ci95"]
-            delta = s.get("vs_baseline", {}) or {}
+            p_low, p_high = lat["p50_ci95_ms"]
+            throughput = (s.get("throughput") or {}).get("samples_per_s")
             row = [
-                s["name"], s["pass"] or "–", s.get("form", "–"), s.get("precision") or "–",
-                f"{s['size_bytes'] / 1e6:.2f}", f"{s['params']:,}" if s.get("params") is not None else "–",
-                f"{s['macs'] / 1e6:.1f}" if s.get("macs") else "–",
-                f"{_pct(acc['value'])} ({_pct(low)}–{_pct(high)})",
-                f"{delta['accuracy_delta'] * 100:+.2f}" if delta else "–",
-                f"{lat['p50_ms']:.3f} ({lat['p50_ci95_ms'][0]:.3f}–{lat['p50_ci95_ms'][1]:.3f})"
-                + (" unstable" if lat["unstable"] else ""),
-                f"{lat['p90_ms']:.3f}", f"{lat['p99_ms']:.3f}",
-                _speed(s.get("vs_baseline")), _speed(s.get("vs_previous")),
-                f"{s['throughput']['samples_per_s']:.0f}", s["status"],
+                Cell(s["name"]), Cell(s.get("pass") or "–"), Cell(s.get("form") or "–"),
+                Cell(s.get("precision") or "–"),
+                Cell(f"{s['size_bytes'] / 1e6:.2f}") if s.get("size_bytes") is not None else DASH,
+                Cell(f"{s['params']:,}") if s.get("params") is not None else DASH,
+                Cell(f"{s['macs'] / 1e6:.1f}") if s.get("macs") else DASH,
+                Cell(_pct(acc["value"]), f"{_pct(low)}–{_pct(high)}"),
+                accuracy_delta_cell(s.get("vs_baseline")),
+                accuracy_delta_cell(previous_change(s, ok_before == 1)),
+                Cell(f"{lat['p50_ms']:.3f}", f"{p_low:.3f}–{p_high:.3f}", "unstable" if lat.get("unstable") else "",
+                     mark=UNSTABLE if lat.get("unstable") else None,
+                     title="the 95 % interval of the median is wider than 10 % of it" if lat.get("unstable") else None),
+                Cell(f"{lat['p90_ms']:.3f}"), Cell(f"{lat['p99_ms']:.3f}"),
+                speed_cell(s.get("vs_baseline")), speed_cell(s.get("vs_previous")),
+                Cell(f"{throughput:.0f}") if throughput is not None else DASH,
+                Cell(s["status"], mark=None if s["status"] == "ok" else WORSE),
             ]
         else:
-            row = [s["name"], s["pass"] or "–", s.get("form", "–")] + ["–"] * (len(COLUMNS) - 4) + [s["status"]]
+            row = [Cell(s["name"]), Cell(s.get("pass") or "–"), Cell(s.get("form") or "–")]
+            row += [DASH] * (len(COLUMNS) - 4) + [Cell(s["status"], mark=None if s["status"] == "ok" else WORSE)]
         rows.append(row)
+        ok_before += s.get("status") == "ok"
     return rows
+
+
+def stage_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [[cell.text for cell in row] for row in stage_cells(report)]
 
 
 def notes(report: dict[str, Any]) -> list[str]:
     out = []
     stages = report["stages"]
-    base = stages[0]
+    base = stages[0] if stages else {}
     if "latency" in base:
         lat = base["latency"]
-        plan = report["recipe"]["evaluate"]["latency"]
+        plan = ((report.get("recipe") or {}).get("evaluate") or {}).get("latency") or {}
+        if lat.get("mode") == "quick":
+            # Quick mode replaces the recipe's timing settings; describe the ones that were used.
+            quick = TimingPlan.from_spec({"mode": "quick"})
+            plan = {**plan, "warmup_s": quick.warmup_s, "min_iterations": quick.min_iterations,
+                    "min_duration_s": quick.min_duration_s}
         counts = ", ".join(f"{s['name']} {s['latency']['iterations']}" for s in stages if "latency" in s)
         out.append(
-            f"Latency: batch {lat['batch_size']}, {plan['threads']} thread(s), each stage in its own process; "
-            f"warm-up of at least 10 iterations and {plan['warmup_s']} s, then timed for at least "
-            f"{plan['min_iterations']} iterations and {plan['min_duration_s']} s (iterations: {counts}). "
-            f"Throughput at batch {base['throughput']['batch_size']}. "
+            f"Latency: batch {lat['batch_size']}, {plan.get('threads', '?')} thread(s), each stage in its own process; "
+            f"warm-up of at least 10 iterations and {plan.get('warmup_s', '?')} s, then timed for at least "
+            f"{plan.get('min_iterations', '?')} iterations and {plan.get('min_duration_s', '?')} s "
+            f"(iterations: {counts}). Throughput at batch {(base.get('throughput') or {}).get('batch_size', '?')}. "
             "A speedup marked (n.s.) is not significant: the 95 % intervals of the medians overlap "
             "or one side is unstable."
         )
+        if any((s.get("vs_baseline") or {}).get("accuracy_test") for s in stages):
+            out.append("Δ top-1 is in points; p is McNemar's exact test on the per-sample results of the same eval "
+                       "set (n.s.: p ≥ 0.05, the change may be chance).")
         if lat.get("mode") == "quick":
             out.append("QUICK MODE: few iterations; these latency figures are for smoke tests, not for decisions.")
     for s in stages:
@@ -82,7 +161,7 @@ def notes(report: dict[str, Any]) -> list[str]:
                        f"{pruning['macs_after'] / 1e6:.1f} M ({pruning['macs_before'] / pruning['macs_after']:.2f}x fewer), "
                        f"params {pruning['params_before']:,} -> {pruning['params_after']:,}.")
         change = s.get("vs_previous")
-        if change and change.get("speedup") and change["speedup"] < 1 and change["latency_significant"]:
+        if change and change.get("speedup") and change["speedup"] < 1 and change.get("latency_significant"):
             out.append(f"Stage '{s['name']}' is slower than the stage before it ({change['speedup']:.2f}×).")
     if not report["passed"]:
         out.append("The run did not pass: final/ was not updated.")

@@ -12,13 +12,16 @@ _SHOWN = ["stage", "form", "precision", "size MB", "MMACs", "top-1 % (95% CI)", 
 
 
 def stage_table(report: dict[str, Any]):
+    """The rich table and the notes. Both are escaped: stage names and error messages come from recipes
+    and exceptions, and rich would otherwise read "[...]" in them as markup."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{report['recipe']['name']}: {'PASSED' if report['passed'] else 'FAILED'}")
+    table = Table(title=escape(f"{report['recipe']['name']}: {'PASSED' if report['passed'] else 'FAILED'}"))
     index = [COLUMNS.index(c) for c in _SHOWN]
     for column in _SHOWN:
         table.add_column(column, justify="left" if column in ("stage", "form", "precision", "status") else "right")
     for row in stage_rows(report):
         style = None if row[-1] == "ok" else "red"
-        table.add_row(*(row[i] for i in index), style=style)
-    return table, notes(report)
+        table.add_row(*(escape(row[i]) for i in index), style=style)
+    return table, [escape(note) for note in notes(report)]

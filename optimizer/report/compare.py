@@ -1,0 +1,216 @@
+"""Several runs (two recipes on one model, one recipe on two machines) in one table and one chart.
+
+Latency is only comparable between runs measured the same way on the same machine and software, so
+the comparison lists every difference in the environments and in the latency settings, and says
+plainly when the figures should not be ranked against each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from optimizer.errors import RecipeError
+from optimizer.measure.environment import differences
+from optimizer.report import charts
+from optimizer.report.html import cell_html, environment_rows, page
+from optimizer.report.markdown import md, table
+from optimizer.report.render import load_report
+from optimizer.report.rows import Cell, accuracy_delta_cell, speed_cell
+from optimizer.report.svg import esc
+from optimizer.report.verdict import Recommendation, latency_differs, measured, pareto_front, verdict
+from optimizer.report.write import write_atomic
+
+COLUMNS = ["run", "stage", "form", "precision", "size MB", "top-1 % (95% CI)", "Δ top-1 vs run base",
+           "p50 ms (95% CI)", "p99 ms", "speedup vs run base", "samples/s", "status"]
+
+
+def run_labels(run_dirs: Sequence[Path], reports: Sequence[dict[str, Any]]) -> list[str]:
+    """Recipe names when they tell the runs apart, else folder names, else numbered."""
+    names = [str((r.get("recipe") or {}).get("name") or d.name) for d, r in zip(run_dirs, reports)]
+    if len(set(names)) == len(names):
+        return names
+    folders = [Path(d).resolve().name for d in run_dirs]
+    if len(set(folders)) == len(folders):
+        return folders
+    return [f"{name} ({i + 1})" for i, name in enumerate(names)]
+
+
+def _latency_plan(report: dict[str, Any]) -> dict[str, Any]:
+    base = next((s for s in report.get("stages") or [] if "latency" in s), {})
+    lat = base.get("latency") or {}
+    return {"latency batch size": lat.get("batch_size"), "latency mode": lat.get("mode"),
+            "throughput batch size": (base.get("throughput") or {}).get("batch_size")}
+
+
+def comparability(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """(latency warnings, accuracy warnings): what differs between the first run and each other one."""
+    latency, accuracy = [], []
+    first_env = reports[0].get("environment") or {}
+    first_plan = _latency_plan(reports[0])
+    first_eval = ((reports[0].get("recipe") or {}).get("data") or {}).get("eval")
+    for label, report in zip(labels[1:], reports[1:]):
+        env = report.get("environment") or {}
+        diffs = differences(first_env, env)
+        if first_env.get("governor") != env.get("governor"):
+            diffs.append(f"governor: {first_env.get('governor')} vs {env.get('governor')}")
+        plan = _latency_plan(report)
+        diffs += [f"{k}: {first_plan[k]} vs {plan[k]}" for k in plan if plan[k] != first_plan[k]]
+        if diffs:
+            latency.append(f"{labels[0]} vs {label}: " + "; ".join(sorted(diffs)))
+        eval_spec = ((report.get("recipe") or {}).get("data") or {}).get("eval")
+        if eval_spec != first_eval:
+            accuracy.append(f"{labels[0]} vs {label}: the eval data settings differ, so top-1 was measured on "
+                            "different samples")
+    return latency, accuracy
+
+
+def _rows(labels: Sequence[str], reports: Sequence[dict[str, Any]],
+          recs: Sequence[Recommendation | None]) -> list[tuple[str, list[Cell], bool, bool]]:
+    """(run label, cells, recommended in its run, failed) per stage of every run."""
+    out = []
+    for label, report, rec in zip(labels, reports, recs):
+        for s in report.get("stages") or []:
+            if "accuracy" in s and "latency" in s:
+                acc, lat = s["accuracy"], s["latency"]
+                thr = (s.get("throughput") or {}).get("samples_per_s")
+                cells = [
+                    Cell(label), Cell(s["name"]), Cell(s.get("form") or "–"), Cell(s.get("precision") or "–"),
+                    Cell(f"{s['size_bytes'] / 1e6:.2f}") if s.get("size_bytes") else Cell("–"),
+                    Cell(f"{acc['value'] * 100:.2f}", f"{acc['ci95'][0] * 100:.2f}–{acc['ci95'][1] * 100:.2f}"),
+                    accuracy_delta_cell(s.get("vs_baseline")),
+                    Cell(f"{lat['p50_ms']:.3f}", f"{lat['p50_ci95_ms'][0]:.3f}–{lat['p50_ci95_ms'][1]:.3f}",
+                         "unstable" if lat.get("unstable") else ""),
+                    Cell(f"{lat['p99_ms']:.3f}"), speed_cell(s.get("vs_baseline")),
+                    Cell(f"{thr:.0f}") if thr is not None else Cell("–"), Cell(s.get("status", "?")),
+                ]
+            else:
+                cells = [Cell(label), Cell(s["name"]), Cell(s.get("form") or "–")]
+                cells += [Cell("–")] * (len(COLUMNS) - 4) + [Cell(s.get("status", "?"))]
+            recommended = rec is not None and rec.stage is s
+            out.append((label, cells, recommended, s.get("status") != "ok"))
+    return out
+
+
+def _fastest_overall(labels: Sequence[str], reports: Sequence[dict[str, Any]],
+                     recs: Sequence[Recommendation | None]) -> str | None:
+    """Across runs, the fastest recommended stage, and whether it is significantly faster than the next."""
+    chosen = [(label, rec.stage) for label, rec in zip(labels, recs) if rec is not None]
+    if len(chosen) < 2:
+        return None
+    chosen.sort(key=lambda item: item[1]["latency"]["p50_ms"])
+    (best_label, best), (next_label, runner_up) = chosen[0], chosen[1]
+    sig = latency_differs(best["latency"], runner_up["latency"])
+    return (f"Fastest recommended deployable: '{best['name']}' of {best_label} "
+            f"({best['latency']['p50_ms']:.3f} ms p50, top-1 {best['accuracy']['value'] * 100:.2f} %), "
+            + (f"significantly faster than '{runner_up['name']}' of {next_label}." if sig else
+               f"not significantly faster than '{runner_up['name']}' of {next_label} "
+               f"({runner_up['latency']['p50_ms']:.3f} ms)."))
+
+
+def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
+    lines = [f"# Comparison of {len(reports)} runs: {', '.join(md(label) for label in labels)}", ""]
+    if latency_warn:
+        lines += ["**The environments differ: latency figures are not comparable across these runs.**", ""]
+        lines += [f"- {md(w)}" for w in latency_warn] + [""]
+    if accuracy_warn:
+        lines += ["**Accuracy was measured on different data:**", ""] + [f"- {md(w)}" for w in accuracy_warn] + [""]
+    for label, report in zip(labels, reports):
+        lines.append(f"- {md(label)}: {md(verdict(report).headline)}")
+    overall = _fastest_overall(labels, reports, recs)
+    if overall and not latency_warn:
+        lines += ["", md(overall)]
+    lines += ["", *table(COLUMNS, [[c.text + (" ★" if i == 1 and rec else "") for i, c in enumerate(cells)]
+                                    for _, cells, rec, _ in rows]), "",
+              "★ recommended deployable of its run. Speedup and Δ top-1 are against each run's own baseline."]
+    return "\n".join(lines) + "\n"
+
+
+def _env_table(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> str:
+    per_run = [dict(environment_rows(r.get("environment") or {})) for r in reports]
+    keys = list(dict.fromkeys(k for rows in per_run for k in rows))
+    head = "".join(f'<th scope="col">{esc(label)}</th>' for label in labels)
+    body = []
+    for key in keys:
+        values = [rows.get(key, "–") for rows in per_run]
+        # Host and timestamp always differ and say nothing about speed; do not flag them.
+        differs = len(set(values)) > 1 and key not in ("host", "recorded", "load average (1, 5, 15 min)")
+        css = ' class="worse"' if differs else ""
+        body.append(f'<tr><th scope="row">{esc(key)}</th>' + "".join(f"<td{css}>{esc(v)}</td>" for v in values)
+                    + "</tr>")
+    return (f'<div class="scroll"><table class="kv"><thead><tr><th></th>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _html(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
+    parts = [f"<header><h1>Comparison of {len(reports)} runs</h1>"
+             f"<p class=\"meta\">{esc(', '.join(labels))}</p></header>"]
+    if latency_warn:
+        items = "".join(f"<li>{esc(w)}</li>" for w in latency_warn)
+        parts.append('<div class="warn"><b>The environments differ: latency figures are not comparable across '
+                     f"these runs.</b> Compare latency only within a run.<ul>{items}</ul></div>")
+    if accuracy_warn:
+        items = "".join(f"<li>{esc(w)}</li>" for w in accuracy_warn)
+        parts.append(f'<div class="warn"><b>Accuracy was measured on different data.</b><ul>{items}</ul></div>')
+    headlines = "".join(f"<li><b>{esc(label)}</b>: {esc(verdict(r).headline)}</li>"
+                        for label, r in zip(labels, reports))
+    overall = _fastest_overall(labels, reports, recs)
+    parts.append(f'<section class="verdict"><ul>{headlines}</ul>'
+                 + (f"<p>{esc(overall)}</p>" if overall and not latency_warn else "") + "</section>")
+
+    head = "".join(f'<th scope="col">{esc(c)}</th>' for c in COLUMNS)
+    body = []
+    for _, cells, rec, failed in rows:
+        css = " ".join(c for c, on in (("rec", rec), ("failed", failed)) if on)
+        star = " ★" if rec else ""
+        body.append(f'<tr class="{css}"><td>{esc(cells[0].value)}</td><td>{esc(cells[1].value)}{star}</td>'
+                    + "".join(cell_html(c) for c in cells[2:]) + "</tr>")
+    parts.append('<section><h2>Stages of every run</h2><div class="scroll"><table class="stages compare">'
+                 f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+                 '<p class="notes">★ recommended deployable of its run. Speedup and Δ top-1 are against each run\'s '
+                 "own baseline.</p></section>")
+
+    points = []
+    for k, (label, report, rec) in enumerate(zip(labels, reports, recs)):
+        for s in report.get("stages") or []:
+            if measured(s):
+                points.append(charts.TradeoffPoint(f"{label}: {s['name']}", s["latency"]["p50_ms"],
+                                                   tuple(s["latency"]["p50_ci95_ms"]), s["accuracy"]["value"],
+                                                   tuple(s["accuracy"]["ci95"]), series=k,
+                                                   recommended=rec is not None and rec.stage is s))
+    front = pareto_front([(p.latency_ms, p.accuracy) for p in points])
+    caveat = (" The environments differ, so the horizontal positions of different runs are not comparable."
+              if latency_warn else "")
+    parts.append("<section><h2>Accuracy against latency</h2><figure>"
+                 + charts.tradeoff_chart(points, several_series=True, width=1100, height=520)
+                 + charts.tradeoff_legend(series=labels)
+                 + f"<figcaption>On the Pareto front: {esc(', '.join(points[i].label for i in front))}.{esc(caveat)}"
+                   "</figcaption></figure></section>")
+    parts.append("<section><h2>Environments</h2>" + _env_table(labels, reports) + "</section>")
+    return page(f"Comparison: {', '.join(labels)}", "".join(parts))
+
+
+def compare(run_dirs: Sequence[Path | str]) -> tuple[str, str]:
+    """(Markdown, HTML) comparing the runs in ``run_dirs``, each an output folder with report.json."""
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise RecipeError("compare needs at least two run folders")
+    reports = [load_report(d) for d in dirs]
+    labels = run_labels(dirs, reports)
+    recs = [verdict(r).recommendation for r in reports]
+    rows = _rows(labels, reports, recs)
+    latency_warn, accuracy_warn = comparability(labels, reports)
+    return (_markdown(labels, reports, recs, rows, latency_warn, accuracy_warn),
+            _html(labels, reports, recs, rows, latency_warn, accuracy_warn))
+
+
+def write_comparison(run_dirs: Sequence[Path | str], out_dir: Path | str) -> list[Path]:
+    """compare.md and compare.html in ``out_dir``, each written atomically."""
+    markdown_text, html_text = compare(run_dirs)
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in (("compare.md", markdown_text), ("compare.html", html_text)):
+        write_atomic(folder / name, content)
+        written.append(folder / name)
+    return written

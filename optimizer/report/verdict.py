@@ -1,0 +1,225 @@
+"""What a report concludes: the Pareto front, the recommended stage, and what it cost and bought.
+
+Every renderer states the same conclusion, so it is worked out once here from report.json alone. Fields
+added to the schema after version 1 went out (``accuracy_test``, ``latency_sweep``, ``profile``) are
+optional: older reports lack them and the conclusions fall back to what the report does have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from optimizer.measure.accuracy import Z95
+
+
+def measured(stage: dict[str, Any]) -> bool:
+    """A stage that ran and has the figures the conclusions compare."""
+    return stage.get("status") == "ok" and "accuracy" in stage and "latency" in stage
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (latency, accuracy) points that no other point beats on both counts (lower latency,
+    higher accuracy), ordered by latency. Equal points do not dominate each other."""
+    finite = [i for i, (lat, acc) in enumerate(points) if math.isfinite(lat) and math.isfinite(acc)]
+    front = []
+    for i in finite:
+        lat, acc = points[i]
+        dominated = any(
+            points[j][0] <= lat and points[j][1] >= acc and (points[j][0] < lat or points[j][1] > acc)
+            for j in finite if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], -points[i][1]))
+
+
+def latency_differs(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The rule report/build.py applies: the medians' 95 % intervals are apart and neither is unstable."""
+    a_low, a_high = a["p50_ci95_ms"]
+    b_low, b_high = b["p50_ci95_ms"]
+    return bool((a_high < b_low or a_low > b_high) and not a.get("unstable") and not b.get("unstable"))
+
+
+def speedup_range(stage: dict[str, Any], reference: dict[str, Any]) -> tuple[float, float] | None:
+    """Speedup bounds implied by both medians' intervals (reference slowest / stage fastest and the
+    reverse): conservative, since it combines the two worst cases."""
+    low, high = stage["latency"]["p50_ci95_ms"]
+    ref_low, ref_high = reference["latency"]["p50_ci95_ms"]
+    if low <= 0 or high <= 0:
+        return None
+    return ref_low / high, ref_high / low
+
+
+@dataclass(frozen=True)
+class AccuracyChange:
+    delta: float                 # stage minus reference, as a fraction
+    low: float
+    high: float
+    paired: bool                 # interval from the paired (per-sample) counts, not two independent ones
+    test: dict[str, Any] | None  # the McNemar record when the report has one
+
+
+def accuracy_change(stage: dict[str, Any], reference: dict[str, Any], test: dict[str, Any] | None) -> AccuracyChange:
+    """Change in top-1 with a 95 % interval.
+
+    With McNemar counts the interval is the Wald interval of a paired difference: only samples on which
+    the two models disagree add variance, so it is much narrower than comparing two independent
+    accuracies. Without them, the unpaired interval is an over-estimate (the same samples were used).
+    """
+    acc, ref = stage["accuracy"], reference["accuracy"]
+    delta = acc["value"] - ref["value"]
+    n = acc.get("n") or 0
+    if test and n and test.get("only_baseline_right") is not None and test.get("only_stage_right") is not None:
+        b, c = test["only_baseline_right"], test["only_stage_right"]
+        variance = max(0.0, b + c - (c - b) ** 2 / n) / (n * n)
+        half = Z95 * math.sqrt(variance)
+        return AccuracyChange(delta, delta - half, delta + half, True, test)
+    ref_n = ref.get("n") or 0
+    if not n or not ref_n:
+        return AccuracyChange(delta, float("nan"), float("nan"), False, test)
+    variance = acc["value"] * (1 - acc["value"]) / n + ref["value"] * (1 - ref["value"]) / ref_n
+    half = Z95 * math.sqrt(variance)
+    return AccuracyChange(delta, delta - half, delta + half, False, test)
+
+
+def within_budget(stage: dict[str, Any]) -> bool:
+    budget = stage.get("budget") or {}
+    if budget.get("accuracy_drop") is None or budget.get("drop") is None:
+        return True
+    return budget["drop"] <= budget["accuracy_drop"] + 1e-12
+
+
+@dataclass
+class Recommendation:
+    stage: dict[str, Any]
+    in_final: bool                                   # final/ holds this stage's artifact
+    final_stage: dict[str, Any] | None               # the stage in final/, when there is one
+    remarks: list[str] = field(default_factory=list)
+
+
+def recommend(report: dict[str, Any]) -> Recommendation | None:
+    """The stage to deploy: the fastest measured stage within the accuracy budget. The stage in final/
+    wins whenever its latency is not significantly different from the fastest, because it is the one a
+    deployer already has, packaged with a manifest."""
+    stages = report.get("stages") or []
+    if not stages or not measured(stages[0]):
+        return None
+    candidates = [s for s in stages if measured(s) and within_budget(s)]
+    fastest = min(candidates, key=lambda s: s["latency"]["p50_ms"])
+    final_stage = stages[-1] if report.get("passed") and report.get("final") and measured(stages[-1]) else None
+    remarks: list[str] = []
+    if final_stage is not None and final_stage in candidates and (
+            final_stage is fastest or not latency_differs(final_stage["latency"], fastest["latency"])):
+        return Recommendation(final_stage, True, final_stage, remarks)
+    if final_stage is not None:
+        remarks.append(f"final/ holds '{final_stage['name']}', but '{fastest['name']}' is significantly faster "
+                       f"({final_stage['latency']['p50_ms']:.3f} ms vs {fastest['latency']['p50_ms']:.3f} ms p50); "
+                       f"consider ending the recipe at '{fastest['name']}'.")
+    return Recommendation(fastest, False, final_stage, remarks)
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:.2f}"
+
+
+def _points(value: float) -> str:
+    return f"{value * 100:+.2f}"
+
+
+def accuracy_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str:
+    acc, ref = stage["accuracy"], baseline["accuracy"]
+    low, high = acc["ci95"]
+    test = (stage.get("vs_baseline") or {}).get("accuracy_test")
+    change = accuracy_change(stage, baseline, test)
+    text = (f"top-1 {_pct(acc['value'])} % (95 % CI {_pct(low)}–{_pct(high)}) vs {_pct(ref['value'])} % for the "
+            f"baseline: {_points(change.delta)} points")
+    if math.isfinite(change.low):
+        kind = "paired" if change.paired else "unpaired, so wider than it needs to be"
+        text += f" (95 % CI {_points(change.low)} to {_points(change.high)}, {kind})"
+    if test:
+        verdict = "significant" if test.get("significant") else "not significant"
+        text += (f"; {verdict} by McNemar's test (p = {test['p_value']:.2g}: "
+                 f"{test['only_baseline_right']} samples only the baseline got right, "
+                 f"{test['only_stage_right']} only this stage)")
+    else:
+        text += "; this report has no paired significance test"
+    budget = stage.get("budget") or {}
+    if budget.get("accuracy_drop") is not None:
+        text += f"; budget {budget['accuracy_drop'] * 100:.2f} points"
+    return "Accuracy: " + text + "."
+
+
+def latency_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str:
+    lat, ref = stage["latency"], baseline["latency"]
+    text = (f"p50 {lat['p50_ms']:.3f} ms (95 % CI {lat['p50_ci95_ms'][0]:.3f}–{lat['p50_ci95_ms'][1]:.3f}) at batch "
+            f"{lat.get('batch_size', '?')} vs {ref['p50_ms']:.3f} ms ({ref['p50_ci95_ms'][0]:.3f}–"
+            f"{ref['p50_ci95_ms'][1]:.3f}) for the baseline")
+    if lat["p50_ms"] > 0:
+        speedup = ref["p50_ms"] / lat["p50_ms"]
+        text += f": {speedup:.2f}× faster" if speedup >= 1 else f": {1 / speedup:.2f}× slower"
+        bounds = speedup_range(stage, baseline)
+        if bounds:
+            text += f" (speedup between {bounds[0]:.2f}× and {bounds[1]:.2f}× from the two intervals)"
+        if latency_differs(lat, ref):
+            text += ", significant"
+        else:
+            why = "a figure is unstable" if lat.get("unstable") or ref.get("unstable") else "the intervals overlap"
+            text += f", not significant ({why})"
+    return "Latency: " + text + "."
+
+
+def cost_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str | None:
+    parts = []
+    thr, ref_thr = stage.get("throughput") or {}, baseline.get("throughput") or {}
+    if thr.get("samples_per_s") and ref_thr.get("samples_per_s"):
+        parts.append(f"throughput {thr['samples_per_s']:,.0f} samples/s at batch {thr.get('batch_size', '?')} "
+                     f"({thr['samples_per_s'] / ref_thr['samples_per_s']:.2f}× the baseline)")
+    if stage.get("size_bytes") and baseline.get("size_bytes"):
+        parts.append(f"size {stage['size_bytes'] / 1e6:.2f} MB ({stage['size_bytes'] / baseline['size_bytes']:.2f}× "
+                     "the baseline)")
+    if not parts:
+        return None
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:] + "."
+
+
+@dataclass
+class Verdict:
+    headline: str
+    sentences: list[str]
+    recommendation: Recommendation | None
+
+
+def verdict(report: dict[str, Any]) -> Verdict:
+    """The report's conclusion in plain sentences (renderers add emphasis and escape)."""
+    stages = report.get("stages") or []
+    rec = recommend(report)
+    failed = [s for s in stages if s.get("status") != "ok"]
+    sentences: list[str] = []
+    if failed:
+        first = failed[0]
+        sentences.append(f"The run failed at stage '{first['name']}': {first.get('error') or 'no error recorded'}. "
+                         "final/ was not updated.")
+    if rec is None:
+        return Verdict("No conclusion: the baseline has no measurements.", sentences, None)
+    stage, baseline = rec.stage, stages[0]
+    where = " (in final/)" if rec.in_final else ""
+    if stage is baseline:
+        headline = "Keep the baseline: no stage within the accuracy budget is faster."
+        if rec.final_stage is not None and rec.final_stage is not baseline:
+            sentences.append(f"final/ holds '{rec.final_stage['name']}', which is not faster than the baseline.")
+    else:
+        significant = latency_differs(stage["latency"], baseline["latency"])
+        gain = "" if significant else ", but its latency gain over the baseline is not significant"
+        headline = f"Recommended deployable: '{stage['name']}'{where}{gain}."
+        sentences.append(accuracy_sentence(stage, baseline))
+        sentences.append(latency_sentence(stage, baseline))
+        extra = cost_sentence(stage, baseline)
+        if extra:
+            sentences.append(extra)
+    sentences.extend(rec.remarks)
+    if any((s.get("latency") or {}).get("mode") == "quick" for s in stages):
+        sentences.append("Latency was measured in quick mode: figures for smoke tests, not for decisions.")
+    return Verdict(headline, sentences, rec)
