@@ -37,7 +37,8 @@ def variant_recipes(epochs: int) -> dict[str, dict]:
     export = stages["export"]
     chains = {
         "baseline": [export],
-        "pruned": [prune, export],
+        # Measured as it is: the pruned network before any training may predict one class everywhere.
+        "pruned": [prune, {**export, "intermediate": True}],
         "pruned+finetuned": [prune, finetune, export],
         "pruned+distilled": [prune, distill, export],
     }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from optimizer.atomic import write_text_atomic
 from optimizer.errors import InputRejected
 from optimizer.recipe import InputSpec
 
@@ -72,9 +73,8 @@ class Artifact:
             for p in sorted(self.path.rglob("*"))
             if p.is_file() and p.name != METADATA_FILE
         }
-        tmp = self.path / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True), encoding="utf-8")
-        tmp.replace(self.path / METADATA_FILE)
+        # Atomic and synced: a reader (the measurement process, a resumed run) never sees half a description.
+        write_text_atomic(self.path / METADATA_FILE, json.dumps(self.to_dict(), indent=2, sort_keys=True))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,13 +14,17 @@ from optimizer.errors import (
     EXIT_RESOURCE,
     EXIT_STAGE_ERROR,
     EXIT_USAGE,
+    Interrupted,
     OptimizerError,
+    RecipeError,
+    is_disk_full,
+    one_line,
 )
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; keep its one-line form
-        self.exit(EXIT_USAGE, f"optimizer: error: {message} (see `optimizer --help`)\n")
+        self.exit(EXIT_USAGE, f"optimizer: error: {one_line(message)} (see `optimizer --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,14 +48,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a recipe value, e.g. --set stages.0.with.opset=17 (repeatable)")
     run.add_argument("--quiet", action="store_true", help="print only the final table")
+    run.add_argument("--resume", action="store_true",
+                     help="reuse stages an earlier run finished (same inputs, settings, libraries and machine) "
+                          "instead of recomputing them; cached files that changed are recomputed")
+    run.add_argument("--cache", type=Path, metavar="DIR",
+                     help="stage cache folder, shareable between output folders (default: OUT/.cache)")
 
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
+    report = commands.add_parser("report", help="re-render report.md and report.html from a run's report.json")
+    report.add_argument("out", type=Path, metavar="OUT", help="output folder of a run (holds report.json)")
+
+    compare = commands.add_parser("compare", help="compare runs in one table and one accuracy-latency chart")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="OUT", help="output folders of two or more runs")
+    compare.add_argument("--out", type=Path, help="write compare.md and compare.html into this folder "
+                                                  "(default: print the Markdown)")
+
+    profile = commands.add_parser("profile", help="time per operator of each stage of a run, on its own runtime")
+    profile.add_argument("out", type=Path, metavar="OUT", help="output folder of a run")
+    profile.add_argument("--stage", action="append", help="only this stage (repeatable; default: every stage)")
+    profile.add_argument("--iterations", type=int, default=200, help="profiled inferences per stage")
+    profile.add_argument("--threads", type=int, help="threads (default: the run's evaluate.latency.threads)")
+    profile.add_argument("--top", type=int, default=8, help="operator types shown per stage")
+
     commands.add_parser("passes", help="list the registered passes")
     commands.add_parser("schema", help="print the recipe JSON Schema")
     return parser
+
+
+def _check_recipe_text(path: Path) -> None:
+    """A recipe is UTF-8 text; say so in one line when handed a binary file (a checkpoint given by mistake)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is YAML text — "
+                          "was a model file given in its place?") from None
+    except (IsADirectoryError, FileNotFoundError, NotADirectoryError):
+        pass  # load_recipe reports these with its own message
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -61,12 +97,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from optimizer.report.terminal import stage_table
     from optimizer.runner import run_recipe
 
+    _check_recipe_text(args.recipe)
     progress = Progress(quiet=args.quiet)
     report = None
     error: OptimizerError | None = None
     try:
         report = run_recipe(args.recipe, checkpoint=args.checkpoint, out=args.out, overrides=args.overrides,
-                            progress=progress)
+                            progress=progress, resume=args.resume, cache=args.cache)
     except OptimizerError as exc:
         # A gate or stage failure still wrote the report: show its table, then fail.
         report = getattr(exc, "report", None)
@@ -87,11 +124,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from optimizer.validate import validate_path
+    from optimizer.models import check_model_file
+    from optimizer.recipe import load_recipe
+    from optimizer.validate import validate_recipe
 
-    for check in validate_path(args.recipe, args.overrides):
+    _check_recipe_text(args.recipe)
+    loaded = load_recipe(args.recipe, args.overrides)
+    checks = validate_recipe(loaded)
+    if loaded.recipe.model.checkpoint is not None:
+        # The same refusal of unsafe model files that a run applies first, from the file's bytes.
+        check_model_file(loaded.resolve(loaded.recipe.model.checkpoint))
+    for check in checks:
         print(f"ok  {check.what:<16} {check.detail}")
     print(f"{args.recipe}: valid")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from optimizer.report.render import rerender
+
+    for path in rerender(args.out):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from optimizer.report.compare import compare, write_comparison
+
+    if args.out is None:
+        markdown, _ = compare(args.runs)
+        print(markdown, end="")
+        return EXIT_OK
+    for path in write_comparison(args.runs, args.out):
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    from optimizer.measure.profile import format_profile, profile_artifact
+
+    report_path = args.out / "report.json"
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{report_path}: cannot read the run's report ({exc}); give the output folder of a run") from None
+    stages = [s for s in report["stages"] if s.get("artifact") and (not args.stage or s["name"] in args.stage)]
+    unknown = sorted(set(args.stage or []) - {s["name"] for s in report["stages"]})
+    if unknown:
+        raise RecipeError(f"--stage {', '.join(unknown)}: not in {report_path}; stages: "
+                          f"{', '.join(s['name'] for s in report['stages'])}")
+    threads = args.threads or report["recipe"]["evaluate"]["latency"]["threads"]
+    for stage in stages:
+        profile = profile_artifact(args.out / stage["artifact"], threads=threads, iterations=args.iterations)
+        print(format_profile(stage["name"], profile, args.top) if profile else f"{stage['name']}: not profiled")
     return EXIT_OK
 
 
@@ -102,7 +189,8 @@ def _cmd_passes(args: argparse.Namespace) -> int:
     for name in pass_names():
         try:
             cls = get_pass(name)
-            rows.append((name, f"{'/'.join(cls.input_forms)} -> {cls.output_form}", cls.summary))
+            outputs = "/".join(dict.fromkeys(cls.output_form_for(form) for form in cls.input_forms))
+            rows.append((name, f"{'/'.join(cls.input_forms)} -> {outputs}", cls.summary))
         except OptimizerError as exc:
             rows.append((name, "?", f"cannot load: {exc}"))
     width = max(len(r[0]) for r in rows)
@@ -122,15 +210,16 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "passes": _cmd_passes, "schema": _cmd_schema}[args.command]
+    handler = {"run": _cmd_run, "validate": _cmd_validate, "passes": _cmd_passes, "schema": _cmd_schema,
+               "report": _cmd_report, "compare": _cmd_compare, "profile": _cmd_profile}[args.command]
     try:
         return handler(args)
     except OptimizerError as exc:
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"optimizer: error: {exc}", file=sys.stderr)
+        _traceback(args)
+        if isinstance(exc, Interrupted):
+            print(f"optimizer: {one_line(str(exc))}", file=sys.stderr)
+        else:
+            print(f"optimizer: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("optimizer: interrupted; outputs of earlier runs are unchanged", file=sys.stderr)
@@ -139,13 +228,22 @@ def main(argv: list[str] | None = None) -> int:
         print("optimizer: error: out of memory; lower batch sizes or sample counts", file=sys.stderr)
         return EXIT_RESOURCE
     except OSError as exc:
-        if args.debug:
-            raise
-        import errno
-
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"optimizer: error: disk full writing {exc.filename or 'output'}; free space and re-run",
+        _traceback(args)
+        if is_disk_full(exc):
+            print(f"optimizer: error: disk full writing {exc.filename or 'the outputs'}; free some space and re-run",
                   file=sys.stderr)
             return EXIT_RESOURCE
-        print(f"optimizer: error: {exc}", file=sys.stderr)
+        print(f"optimizer: error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_STAGE_ERROR
+    except Exception as exc:  # a bug, not a user error: still one line, the traceback on request
+        _traceback(args)
+        print(f"optimizer: error: internal error ({type(exc).__name__}: {one_line(str(exc))[:300]}); re-run with "
+              "--debug for the traceback and report it", file=sys.stderr)
+        return EXIT_STAGE_ERROR
+
+
+def _traceback(args: argparse.Namespace) -> None:
+    if getattr(args, "debug", False):
+        import traceback
+
+        traceback.print_exc()

@@ -6,6 +6,8 @@ line and shows a traceback only with ``--debug``.
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_STAGE_ERROR = 1
 EXIT_USAGE = 2
@@ -86,6 +88,32 @@ def error_from_exit_code(code: int, message: str) -> OptimizerError:
         if cls.exit_code == code:
             return cls(message)
     return StageError(message)
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the OSErrors a full disk or an exhausted quota raise (also when only the message says so,
+    as from a child process that could pass on nothing but text)."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return True
+    return "[Errno 28]" in str(exc) or "No space left on device" in str(exc)
+
+
+def disk_full(exc: BaseException, what: str) -> ResourceFailure:
+    """The one-line error for a full disk while doing ``what`` (which names the stage or the file)."""
+    where = getattr(exc, "filename", None)
+    place = f" ({where})" if where else ""
+    return ResourceFailure(f"{what}: disk full{place}; free some space and re-run with --resume "
+                           "(finished stages are cached; earlier outputs are unchanged)")
+
+
+def one_line(message: str) -> str:
+    """Messages printed by the CLI are a single line, even when a library's text had several; control
+    characters a user typed (or a file name holds) are shown escaped, never sent to the terminal."""
+    text = " ".join(part.strip() for part in message.replace("\r", "\n").split("\n") if part.strip())
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:

@@ -246,6 +246,12 @@ class Stage(StrictModel):
     pass_name: str = Field(alias="pass", description="Registered pass name, or 'python:module:Class'.")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="The pass's configuration.")
     budget: Budget | None = Field(default=None, description="Overrides the recipe's budget for this stage.")
+    intermediate: bool = Field(
+        default=False,
+        description="A result that a later stage repairs, such as pruning before distillation: its output may "
+        "legitimately collapse to one class, so the constant-prediction gate does not stop the run there (it is "
+        "still measured and reported).",
+    )
 
     @field_validator("name")
     @classmethod
@@ -362,7 +368,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], yaml.Node | None]:
     """Read a recipe file with safe_load; also return the node tree, which knows line numbers."""
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {exc.start}); a recipe is YAML text") from None
     try:
         raw = yaml.safe_load(text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)

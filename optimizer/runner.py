@@ -1,36 +1,69 @@
 """The Runner: baseline, then every stage in order, each measured on its own runtime and process.
 
 Everything a run writes goes into a staging folder inside ``OUT`` first. Only when the run ends (passed,
-or stopped by a gate, so the report shows the failed stage) does it move into place: ``artifacts/`` and
-``measurements/`` as wholes, the report files by atomic rename, and ``final/`` only when every stage
-passed. A crash or a usage error leaves the previous outputs untouched.
+or stopped by a gate or a failing pass, so the report shows the failed stage) is it published
+(``output_folder.publish``: all or nothing, rolled back on failure): ``artifacts/``, ``measurements/``
+and the report files, and ``final/`` only when every stage passed. A usage error, an interrupt, a full
+disk or a crash leaves the previous outputs untouched.
+
+Each finished stage (artifact and measurements) is also stored in the stage cache
+(``stage_cache.StageCache``); ``resume=True`` reuses the entries whose key and files still match.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+from rich.markup import escape
 
 from optimizer.artifact import Artifact
 from optimizer.data.provider import DataProvider
-from optimizer.errors import GateFailed, Interrupted, OptimizerError, OutputLocked, StageError
+from optimizer.errors import (
+    GateFailed,
+    Interrupted,
+    OptimizerError,
+    RecipeError,
+    ResourceFailure,
+    StageError,
+    disk_full,
+    is_disk_full,
+)
 from optimizer.measure.environment import fingerprint
 from optimizer.measure.evaluate import evaluate_artifact
+from optimizer.output_folder import STAGING_PREFIX, OutputLock, publish, recover
 from optimizer.passes.base import PassContext
+from optimizer.preflight import (
+    check_free_space,
+    check_writable,
+    estimate_run_bytes,
+    estimate_stage_bytes,
+    input_size,
+    make_output_folder,
+    tree_size,
+)
 from optimizer.progress import Progress
 from optimizer.recipe import LoadedRecipe, Recipe, load_recipe
 from optimizer.registry import get_pass
 from optimizer.report.build import Report, build_report, stage_record
 from optimizer.report.write import write_final, write_reports
+from optimizer.stage_cache import (
+    CACHE_DIR_NAME,
+    CachedStage,
+    StageCache,
+    baseline_key_parts,
+    common_key_parts,
+    key_of,
+    stage_key_parts,
+)
 from optimizer.validate import validate_recipe
 
 DEFAULT_OUT_ROOT = Path("runs")
+PUBLISHED = ["artifacts", "measurements", "report.json", "report.md", "report.html"]
 
 
 def run_recipe(
@@ -41,56 +74,110 @@ def run_recipe(
     overrides: list[str] | dict[str, Any] | None = None,
     quiet: bool = True,
     progress: Progress | None = None,
+    resume: bool = False,
+    cache: str | Path | None = None,
 ) -> Report:
     """Run a recipe end to end and return its report (also written to ``out``).
 
-    Raises ``GateFailed`` (after writing the report) when a stage breaks a budget or a check, and other
-    ``OptimizerError`` subclasses for bad input; each carries the CLI's exit code.
+    ``resume`` reuses stages cached by earlier runs (in ``out/.cache``, or in ``cache`` when given: a
+    folder several outputs may share). Raises ``GateFailed`` (after writing the report) when a stage
+    breaks a budget or a check, and other ``OptimizerError`` subclasses for bad input; each carries the
+    CLI's exit code.
     """
     loaded = recipe_or_path if isinstance(recipe_or_path, LoadedRecipe) else load_recipe(recipe_or_path, overrides)
     if checkpoint is not None:
         loaded.recipe.model.checkpoint = str(Path(checkpoint).expanduser().resolve())
+    if loaded.recipe.model.checkpoint is not None:
+        # Unsafe model files (TensorRT engines, TorchScript, legacy pickles, malformed safetensors) are
+        # refused from their bytes before anything else looks at them.
+        source = loaded.resolve(loaded.recipe.model.checkpoint)
+        if source.is_file() or source.suffix.lower() in (".engine", ".plan", ".trt"):
+            from optimizer.models import check_model_file
+
+            check_model_file(source)
     out_dir = Path(out) if out is not None else DEFAULT_OUT_ROOT / loaded.recipe.name
     out_dir = out_dir.expanduser().resolve()
     validate_recipe(loaded, out=out_dir)
+    cache_dir = _cache_folder(cache, out_dir)
     progress = progress or Progress(quiet=quiet)
-    return Runner(loaded, out_dir, progress).run()
+    return Runner(loaded, out_dir, progress, resume=resume, cache_dir=cache_dir).run()
+
+
+def _cache_folder(cache: str | Path | None, out_dir: Path) -> Path | None:
+    if cache is None:
+        return None
+    folder = Path(cache).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"--cache {folder}: not a folder; give a folder (it is created when missing)")
+    for published in ("artifacts", "measurements", "final"):
+        replaced = out_dir / published
+        if folder == replaced or replaced in folder.parents:
+            raise RecipeError(f"--cache {folder}: inside {replaced}, which every run replaces; choose another folder")
+    return folder
 
 
 class Runner:
-    def __init__(self, loaded: LoadedRecipe, out_dir: Path, progress: Progress):
+    def __init__(self, loaded: LoadedRecipe, out_dir: Path, progress: Progress, *, resume: bool = False,
+                 cache_dir: Path | None = None):
         self.loaded = loaded
         self.recipe = loaded.recipe
         self.out_dir = out_dir
         self.progress = progress
         self.threads = self.recipe.evaluate.latency.threads
         self.current_stage = "baseline"
+        self.notes: list[str] = []
+        self.cache = StageCache(cache_dir or out_dir / CACHE_DIR_NAME, read=resume, shared=cache_dir is not None,
+                                notify=self._note)
+        self._eval_npz: Path | None = None
+        self._baseline_predictions: np.ndarray | None = None
+
+    def _note(self, message: str) -> None:
+        """Something the user should know that does not stop the run: shown now, and kept in the report."""
+        self.notes.append(message)
+        self.progress.log(escape(message))  # paths and library text may hold [brackets] rich would parse
 
     # ------------------------------------------------------------------------------------------ run
     def run(self) -> Report:
-        created = not self.out_dir.exists()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        created = make_output_folder(self.out_dir)
         try:
             return self._run_locked()
         except BaseException:
-            if created and not any(self.out_dir.iterdir()):
+            if created and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
                 self.out_dir.rmdir()  # leave no empty folder behind a run that wrote nothing
             raise
 
     def _run_locked(self) -> Report:
-        with _OutputLock(self.out_dir):
-            staging = self.out_dir / f".staging-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
+        with OutputLock(self.out_dir, notify=self._note):
+            recover(self.out_dir, notify=self._note)
+            check_writable(self.out_dir)
+            model_bytes = input_size(self.loaded.resolve(self.recipe.model.checkpoint)
+                                     if self.recipe.model.checkpoint else None)
+            check_free_space(self.out_dir, estimate_run_bytes(model_bytes, len(self.recipe.stages)),
+                             f"for this run ({len(self.recipe.stages) + 1} stages)")
+            staging = self.out_dir / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
             try:
-                try:
-                    report, error = self._run_stages(staging)
-                except KeyboardInterrupt:
-                    raise Interrupted(f"interrupted during stage '{self.current_stage}'; outputs of earlier "
-                                      "runs are unchanged") from None
+                staging.mkdir()
+                report, error = self._run_stages(staging)
+                if isinstance(error, ResourceFailure):
+                    raise error  # nothing is published from a run the machine could not carry
+                self.current_stage = "publishing"
+                report.data["notes"] = self.notes
+                report.data["cache"] = self.cache.summary()
                 write_reports(report, staging)
-                _publish(staging, self.out_dir, include_final=report.passed)
+                publish(staging, self.out_dir, PUBLISHED + (["final"] if report.passed else []))
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted during stage '{self.current_stage}'; outputs of earlier runs are "
+                                  "unchanged; finished stages are cached: re-run with --resume to reuse them") from None
+            except MemoryError:
+                raise ResourceFailure(f"stage '{self.current_stage}': out of memory; lower batch sizes or sample "
+                                      "counts") from None
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, f"{self.out_dir} (stage '{self.current_stage}')") from exc
+                raise
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+            self.cache.prune()
         report.path = self.out_dir
         if error is not None:
             error.report = report  # type: ignore[attr-defined]  # the CLI prints the table of a failed run too
@@ -101,21 +188,32 @@ class Runner:
         recipe = self.recipe
         environment = fingerprint(threads=self.threads)
         artifacts_dir = staging / "artifacts"
-        measurements_dir = staging / "measurements"
         total = len(recipe.stages) + 1
         started = time.time()
-
-        self.progress.start_stage(1, total, "baseline", f"load {recipe.model.checkpoint or recipe.model.factory}")
-        from optimizer.baseline import make_baseline
-
-        baseline = make_baseline(self.loaded, artifacts_dir / "baseline").finalize()
+        common = common_key_parts(self.loaded)
         data = DataProvider(self.loaded, list(recipe.model.inputs))
-        eval_npz = self._write_eval_arrays(data, staging / ".work")
+
+        # ---- baseline
+        source = recipe.model.checkpoint or recipe.model.factory
+        self.progress.start_stage(1, total, "baseline", escape(f"load {source}"))
+        parts = baseline_key_parts(self.loaded, common)
+
+        def make_baseline_artifact() -> tuple[Artifact, dict[str, Any]]:
+            from optimizer.baseline import make_baseline
+
+            return make_baseline(self.loaded, artifacts_dir / "baseline").finalize(), {}
+
+        stage_start = time.perf_counter()
+        baseline, metrics, details, cached = self._produce("baseline", key_of(parts), parts, make_baseline_artifact,
+                                                           data, staging)
         records: list[dict[str, Any]] = []
-        baseline_metrics = self._measure(baseline, "baseline", eval_npz, measurements_dir)
-        records.append(stage_record("baseline", None, baseline, baseline_metrics, status="ok", seconds=0.0,
-                                    out_dir=staging))
+        records.append(self._record("baseline", None, baseline, metrics, staging, details, None,
+                                    time.perf_counter() - stage_start, cached))
         error: OptimizerError | None = self._gate_numerics(records[-1])
+        self._baseline_predictions = self._predictions(staging, "baseline")
+        if error is None and _constant(self._baseline_predictions):
+            self._note(f"baseline: every eval prediction is class {int(self._baseline_predictions[0])}; if the model "
+                       "is trained, check model.checkpoint and the data's mean/std")
         self.progress.end_stage(_summary(records[-1]))
 
         artifacts: dict[str, Artifact] = {"baseline": baseline}
@@ -125,37 +223,45 @@ class Runner:
                 break
             pass_cls = get_pass(stage.pass_name, where=f"stages.{index - 2}.pass")
             self.current_stage = stage.name
-            self.progress.start_stage(index, total, stage.name, f"{pass_cls.name}: {pass_cls.summary}")
+            self.progress.start_stage(index, total, stage.name, escape(f"{pass_cls.name}: {pass_cls.summary}"))
             stage_start = time.perf_counter()
-            work_dir = artifacts_dir / stage.name
-            work_dir.mkdir(parents=True)
-            ctx = PassContext(stage=stage.name, work_dir=work_dir, recipe=self.loaded, data=data,
+            instance = pass_cls(pass_cls.Config.model_validate(stage.with_))
+            references = {name: artifacts[name] for name in instance.stage_references() if name in artifacts}
+            parts = stage_key_parts(stage.name, pass_cls, stage.with_, current, references, common)
+            ctx = PassContext(stage=stage.name, work_dir=artifacts_dir / stage.name, recipe=self.loaded, data=data,
                               progress=self.progress, threads=self.threads, seed=recipe.seed,
                               artifacts=dict(artifacts))
-            instance = pass_cls(pass_cls.Config.model_validate(stage.with_))
-            try:
+
+            def run_pass(current: Artifact = current, ctx: PassContext = ctx, instance=instance,
+                         pass_cls=pass_cls) -> tuple[Artifact, dict[str, Any]]:
+                check_free_space(self.out_dir, estimate_stage_bytes(tree_size(current.path)),
+                                 f"for stage '{ctx.stage}'")
+                ctx.work_dir.mkdir(parents=True)
                 produced = instance.run(current, ctx)
-                if produced.path.resolve() != work_dir.resolve():
-                    raise StageError(f"stage '{stage.name}': pass '{pass_cls.name}' wrote its artifact outside "
+                if produced.path.resolve() != ctx.work_dir.resolve():
+                    raise StageError(f"stage '{ctx.stage}': pass '{pass_cls.name}' wrote its artifact outside "
                                      "ctx.work_dir")
-                produced.finalize()
-                metrics = self._measure(produced, stage.name, eval_npz, measurements_dir)
+                return produced.finalize(), ctx.details
+
+            try:
+                produced, metrics, details, cached = self._produce(stage.name, key_of(parts), parts, run_pass, data,
+                                                                   staging)
             except Exception as exc:
-                if isinstance(exc, OptimizerError):
-                    error = exc
-                else:  # a library bug: keep the report, name the stage, chain the traceback
-                    error = StageError(f"stage '{stage.name}' ({pass_cls.name}) failed: {type(exc).__name__}: {exc}")
-                    error.__cause__ = exc
+                error = self._stage_error(exc, stage.name, pass_cls.name)
+                if isinstance(error, ResourceFailure):
+                    raise error from exc
                 records.append(stage_record(stage.name, pass_cls.name, None, None, status="failed",
                                             seconds=time.perf_counter() - stage_start, out_dir=staging,
                                             error=str(error), details=ctx.details, config=stage.with_))
-                self.progress.end_stage(f"[red]failed[/red]: {error}")
+                self.progress.end_stage(f"[red]failed[/red]: {escape(str(error))}")
                 break
-            seconds = time.perf_counter() - stage_start
-            record = stage_record(stage.name, pass_cls.name, produced, metrics, status="ok", seconds=seconds,
-                                  out_dir=staging, details=ctx.details, config=stage.with_)
+            record = self._record(stage.name, pass_cls.name, produced, metrics, staging, details, stage.with_,
+                                  time.perf_counter() - stage_start, cached)
             records.append(record)
-            error = self._gate_numerics(record) or self._gate_budget(record, records[0], stage)
+            # The budget first: when a stage breaks it, that is the failure users know how to act on; the
+            # checks after it catch what a budget can miss.
+            error = (self._gate_numerics(record) or self._gate_budget(record, records[0], stage)
+                     or self._gate_constant(record, staging) or self._gate_fidelity(record))
             self.progress.end_stage(_summary(record))
             artifacts[stage.name] = produced
             current = produced
@@ -166,37 +272,119 @@ class Runner:
             write_final(report, current, staging / "final", self.loaded)
         return report, error
 
-    # -------------------------------------------------------------------------------------- helpers
-    def _write_eval_arrays(self, data: DataProvider, work: Path) -> Path:
-        self.progress.update("loading eval data")
-        eval_data = data.eval()
-        work.mkdir(parents=True, exist_ok=True)
-        path = work / "eval.npz"
-        np.savez(path, __labels__=eval_data.labels, **eval_data.inputs)
-        return path
+    # -------------------------------------------------------------------------------------- stages
+    def _produce(self, stage: str, key: str, parts: dict[str, Any],
+                 make: Callable[[], tuple[Artifact, dict[str, Any]]], data: DataProvider,
+                 staging: Path) -> tuple[Artifact, dict[str, Any], dict[str, Any], bool]:
+        """The stage's artifact and measurements: from the cache when resuming and the entry is intact,
+        else made and measured, then stored."""
+        artifact_dir = staging / "artifacts" / stage
+        measurements = staging / "measurements" / stage
+        hit: CachedStage | None = self.cache.lookup(key, stage, artifact_dir, measurements)
+        if hit is not None:
+            return hit.artifact, hit.metrics, hit.details, True
+        start = time.perf_counter()
+        artifact, details = make()
+        metrics = self._measure(artifact, stage, data, staging, measurements)
+        self.cache.store(key, parts, stage, artifact, measurements, metrics, details, time.perf_counter() - start)
+        return artifact, metrics, details, False
 
-    def _measure(self, artifact: Artifact, stage: str, eval_npz: Path, measurements_dir: Path) -> dict[str, Any]:
+    def _record(self, name: str, pass_name: str | None, artifact: Artifact, metrics: dict[str, Any], staging: Path,
+                details: dict[str, Any], config: dict[str, Any] | None, seconds: float,
+                cached: bool) -> dict[str, Any]:
+        record = stage_record(name, pass_name, artifact, metrics, status="ok", seconds=seconds, out_dir=staging,
+                              details=details, config=config)
+        record["cached"] = cached
+        return record
+
+    def _stage_error(self, exc: Exception, stage: str, pass_name: str) -> OptimizerError:
+        if isinstance(exc, OptimizerError):
+            if isinstance(exc, StageError) and is_disk_full(exc):
+                return disk_full(exc, f"stage '{stage}'")  # reported by the measurement process as text
+            return exc
+        if is_disk_full(exc):
+            return disk_full(exc, f"stage '{stage}' ({pass_name})")
+        # A library bug: keep the report, name the stage, chain the traceback.
+        error = StageError(f"stage '{stage}' ({pass_name}) failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        return error
+
+    # ------------------------------------------------------------------------------- data and measuring
+    def _eval_arrays(self, data: DataProvider, staging: Path) -> Path:
+        """The eval set as one .npz for the measurement processes; written on first need only, so a fully
+        cached run never loads the data."""
+        if self._eval_npz is None:
+            self.progress.update("loading eval data")
+            eval_data = data.eval()
+            work = staging / ".work"
+            work.mkdir(parents=True, exist_ok=True)
+            path = work / "eval.npz"
+            np.savez(path, __labels__=eval_data.labels, **eval_data.inputs)
+            self._eval_npz = path
+        return self._eval_npz
+
+    def _measure(self, artifact: Artifact, stage: str, data: DataProvider, staging: Path,
+                 measurements: Path) -> dict[str, Any]:
         spec = self.recipe.evaluate
         return evaluate_artifact(
             artifact,
             stage=stage,
-            eval_npz=eval_npz,
-            measurements_dir=measurements_dir / stage,
+            eval_npz=self._eval_arrays(data, staging),
+            measurements_dir=measurements,
             threads=self.threads,
             latency=spec.latency.model_dump(),
             accuracy_batch_size=spec.accuracy.batch_size,
             seed=self.recipe.seed,
             import_paths=[self.loaded.base_dir, Path.cwd()],
             progress=self.progress,
+            profile=spec.profile,
+            runtime_options={"onnx": {"providers": list(spec.onnxruntime.providers)}},
         )
+
+    @staticmethod
+    def _predictions(staging: Path, stage: str) -> np.ndarray | None:
+        path = staging / "measurements" / stage / "predictions.npy"
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    # ---------------------------------------------------------------------------------------- gates
+    @staticmethod
+    def _fail(record: dict[str, Any], message: str) -> GateFailed:
+        record["status"] = "failed"
+        record["error"] = message
+        return GateFailed(message)
 
     def _gate_numerics(self, record: dict[str, Any]) -> OptimizerError | None:
         bad = record.get("non_finite_outputs", 0)
         if bad:
-            message = f"stage '{record['name']}': {bad} outputs on the eval set are NaN or infinite"
-            record["status"] = "failed"
-            record["error"] = message
-            return GateFailed(message)
+            return self._fail(record, f"stage '{record['name']}': {bad} outputs on the eval set are NaN or infinite")
+        return None
+
+    def _gate_constant(self, record: dict[str, Any], staging: Path) -> OptimizerError | None:
+        """A model that predicts one class for every input has lost its input, whatever its accuracy says
+        (on an eval set dominated by one class it can look fine). Judged against the baseline: when the
+        baseline itself predicts one class (an untrained network), there is nothing to lose."""
+        if any(stage.name == record["name"] and stage.intermediate for stage in self.recipe.stages):
+            return None  # the recipe says a later stage repairs this one (pruning before distillation)
+        predictions = self._predictions(staging, record["name"])
+        if predictions is None:
+            return self._fail(record, f"stage '{record['name']}': the measurement wrote no predictions; re-run")
+        if _constant(predictions) and not _constant(self._baseline_predictions):
+            return self._fail(
+                record,
+                f"stage '{record['name']}': all {len(predictions)} eval predictions are class {int(predictions[0])} "
+                "while the baseline's vary: the model's output no longer depends on its input; check the stage's "
+                "settings (calibration data, ignored layers, pruning ratio)",
+            )
+        return None
+
+    def _gate_fidelity(self, record: dict[str, Any]) -> OptimizerError | None:
+        fidelity = (record.get("details") or {}).get("fidelity")
+        if isinstance(fidelity, dict) and not fidelity.get("samples"):
+            return self._fail(record, f"stage '{record['name']}': the fidelity check compared no samples, so the "
+                                      "export is unverified; give data.eval samples and verify_samples >= 1")
         return None
 
     def _gate_budget(self, record: dict[str, Any], baseline: dict[str, Any], stage) -> OptimizerError | None:
@@ -207,73 +395,21 @@ class Runner:
         drop = baseline["accuracy"]["value"] - record["accuracy"]["value"]
         record["budget"] = {"accuracy_drop": budget, "drop": drop}
         if drop > budget + 1e-12:
-            message = (f"stage '{record['name']}': accuracy dropped {drop * 100:.2f} points, over the budget of "
-                       f"{budget * 100:.2f}; relax budget.accuracy_drop or change the stage's settings")
-            record["status"] = "failed"
-            record["error"] = message
-            return GateFailed(message)
+            return self._fail(record, f"stage '{record['name']}': accuracy dropped {drop * 100:.2f} points, over the "
+                                      f"budget of {budget * 100:.2f}; relax budget.accuracy_drop or change the "
+                                      "stage's settings")
         return None
+
+
+def _constant(predictions: np.ndarray | None) -> bool:
+    return predictions is not None and len(predictions) >= 2 and bool(np.all(predictions == predictions[0]))
 
 
 def _summary(record: dict[str, Any]) -> str:
     if record.get("status") != "ok":
-        return f"[red]failed[/red]: {record.get('error')}"
+        return f"[red]failed[/red]: {escape(str(record.get('error')))}"
     acc = record["accuracy"]
     lat = record["latency"]
+    cached = " [dim](cached)[/dim]" if record.get("cached") else ""
     return (f"top-1 {acc['value'] * 100:.2f} % (n={acc['n']}), p50 {lat['p50_ms']:.3f} ms, "
-            f"{record['throughput']['samples_per_s']:.0f} samples/s, {record['size_bytes'] / 1e6:.2f} MB")
-
-
-class _OutputLock:
-    """An exclusive lock file in the output folder; a lock left by a dead process is taken over."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / ".lock"
-
-    def __enter__(self) -> "_OutputLock":
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise OutputLocked(f"{self.path.parent}: another run (pid {pid}) is writing here; wait for it "
-                                       "or choose another --out") from None
-                self.path.unlink(missing_ok=True)
-        raise OutputLocked(f"{self.path.parent}: cannot take the output lock {self.path}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _publish(staging: Path, out_dir: Path, *, include_final: bool) -> None:
-    """Move the staged outputs into place; folders are swapped as wholes."""
-    names = ["artifacts", "measurements"] + (["final"] if include_final else [])
-    for name in names:
-        source = staging / name
-        if not source.exists():
-            continue
-        target = out_dir / name
-        old = out_dir / f".old-{name}-{uuid.uuid4().hex[:6]}"
-        if target.exists():
-            os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    for file in sorted(staging.glob("report.*")):
-        os.replace(file, out_dir / file.name)
+            f"{record['throughput']['samples_per_s']:.0f} samples/s, {record['size_bytes'] / 1e6:.2f} MB{cached}")

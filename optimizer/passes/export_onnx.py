@@ -90,6 +90,9 @@ class ExportOnnx(Pass):
         cfg: ExportOnnxConfig = self.config  # type: ignore[assignment]
         eval_data = ctx.data.eval()
         count = min(cfg.verify_samples, len(eval_data))
+        if count == 0:
+            raise GateFailed(f"stage '{ctx.stage}': the eval set is empty, so the exported model cannot be compared "
+                             "with PyTorch; give data.eval at least one sample")
         samples = eval_data.batch(0, count)
         reference_runtime = TorchEagerRuntime(artifact, threads=ctx.threads)
         module = reference_runtime.module

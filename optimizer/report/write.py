@@ -1,14 +1,14 @@
-"""Writing report files and the deployable final/ folder, each file atomically."""
+"""Writing report files and the deployable final/ folder, each file atomically and synced to disk."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from optimizer.artifact import METADATA_FILE, Artifact, sha256_file
+from optimizer.atomic import fsync_tree, write_text_atomic
 from optimizer.measure.environment import package_versions
 from optimizer.recipe import LoadedRecipe
 from optimizer.report.build import Report
@@ -18,22 +18,15 @@ from optimizer.report.markdown import render_markdown
 
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same folder, flushed to disk, renamed into place: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, text)
 
 
 def write_reports(report: Report, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "report.json", json.dumps(report.data, indent=2, default=str) + "\n")
     write_atomic(folder / "report.md", render_markdown(report.data))
-    write_atomic(folder / "report.html", render_html(report.data))
+    # ``folder`` is where report.json's relative paths start: the raw latencies for the distribution chart.
+    write_atomic(folder / "report.html", render_html(report.data, run_dir=folder))
 
 
 def write_final(report: Report, artifact: Artifact, folder: Path, loaded: LoadedRecipe) -> None:
@@ -58,3 +51,4 @@ def write_final(report: Report, artifact: Artifact, folder: Path, loaded: Loaded
         "lineage": [s.get("sha256") for s in report.stages],
     }
     write_atomic(folder / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+    fsync_tree(folder)  # the copied model files too: final/ is published by renaming this folder
