@@ -22,7 +22,12 @@ def worker_environment(threads: int, extra_paths: list[Path]) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(threads)
     env["MKL_NUM_THREADS"] = str(threads)
     # The worker must import what this process can (a user's model module, say): pass our sys.path on.
-    paths = [str(p) for p in extra_paths] + [p for p in sys.path if p and os.path.isdir(p)]
+    import optimizer
+
+    # The folder this package was imported from goes first: a library may have put a folder holding a module of
+    # the same name on sys.path (onnxruntime.transformers appends one with an optimizer.py).
+    home = str(Path(optimizer.__file__).resolve().parent.parent)
+    paths = [home] + [str(p) for p in extra_paths] + [p for p in sys.path if p and os.path.isdir(p)]
     paths += [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
