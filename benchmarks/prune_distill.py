@@ -1,6 +1,6 @@
 """Baseline vs pruned vs pruned+finetuned vs pruned+distilled on the built-in example, in one run.
 
-    python benchmarks/prune_distill.py [--epochs 3] [--trials 3] [--out runs/bench_prune_distill]
+    python benchmarks/prune_distill.py [--epochs 1] [--trials 3] [--out runs/bench_prune_distill]
 
 Each variant is produced by the toolkit's own passes (prune.structured, finetune, distill.kd, export.onnx)
 with the settings of recipes/prune_distill_int8.yaml; finetune and distill get the same number of epochs.
@@ -54,7 +54,7 @@ def variant_recipes(epochs: int) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="epochs for finetune and for distill (the same)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs for finetune and for distill (the same)")
     parser.add_argument("--trials", type=int, default=3, help="latency trials per variant")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_prune_distill")

@@ -251,8 +251,9 @@ def test_example_pruned_by_half_then_exported(example_checkpoint: Path, tmp_path
     recipe = quickstart_dict(example_checkpoint, eval_samples=500)
     recipe["budget"] = {}  # pruning without fine-tuning costs accuracy; this test is about structure
     recipe["stages"] = [
-        {"name": "prune", "pass": "prune.structured", "with": {"ratio": 0.5, "round_to": 8}},
-        {"name": "export", "pass": "export.onnx", "with": {"verify_samples": 64}},
+        # Without recovery training the pruned network may predict one class everywhere; that is expected here.
+        {"name": "prune", "pass": "prune.structured", "with": {"ratio": 0.5, "round_to": 8}, "intermediate": True},
+        {"name": "export", "pass": "export.onnx", "with": {"verify_samples": 64}, "intermediate": True},
     ]
     out = tmp_path / "o"
     report = run_recipe(recipe, out=out)
