@@ -105,6 +105,7 @@ class CompileOpenVino(Pass):
         fidelity = compare_outputs(reference, candidate, atol=cfg.atol, rtol=cfg.rtol)
         # Elementwise tolerance only means something when both sides compute the same float math.
         fidelity["elementwise_checked"] = cfg.precision_hint == "f32" and not quantized
+        fidelity["reference"] = "onnxruntime"
         ctx.details["fidelity"] = fidelity
         if fidelity["elementwise_checked"] and not fidelity["within_tolerance"]:
             raise GateFailed(

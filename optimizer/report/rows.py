@@ -147,7 +147,8 @@ def notes(report: dict[str, Any]) -> list[str]:
             out.append(f"Stage '{s['name']}' failed: {s.get('error')}")
         fidelity = (s.get("details") or {}).get("fidelity")
         if fidelity:
-            out.append(f"Stage '{s['name']}' fidelity vs PyTorch on {fidelity['samples']} eval samples: max abs diff "
+            reference = fidelity.get("reference", "PyTorch")
+            out.append(f"Stage '{s['name']}' fidelity vs {reference} on {fidelity['samples']} eval samples: max abs diff "
                        f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}, "
                        f"top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %.")
         training = (s.get("details") or {}).get("training")
