@@ -91,17 +91,19 @@ def benchmark_app_p50(folder: Path, meta: dict, inputs: list[dict], threads: int
     tool = shutil.which("benchmark_app") or str(Path(sys.executable).parent / "benchmark_app")
     runtime = meta.get("runtime", {})
     shapes = ",".join(f"{spec['name']}[{','.join(str(d) for d in [1, *spec['shape'][1:]])}]" for spec in inputs)
-    args = [tool, "-m", str(folder / "model.xml"), "-d", "CPU", "-api", "sync", "-hint",
-            runtime.get("performance_hint", "latency"), "-nthreads", str(threads), "-nstreams",
-            str(runtime.get("streams") or 1), "-infer_precision", runtime.get("precision_hint", "f32"),
-            "-data_shape", shapes, "-t", str(int(seconds))]
+    # benchmark_app only takes explicit streams and threads with "-hint none"; with one stream and the same
+    # threads and precision this is the configuration the toolkit's LATENCY-hinted model runs.
+    args = [tool, "-m", str(folder / "model.xml"), "-d", "CPU", "-api", "sync", "-hint", "none",
+            "-nthreads", str(threads), "-nstreams", str(runtime.get("streams") or 1),
+            "-infer_precision", runtime.get("precision_hint", "f32"),
+            "-data_shape", shapes, "-t", str(max(1, int(seconds)))]
     done = subprocess.run(args, capture_output=True, text=True)
-    # benchmark_app prints "[ INFO ]    Median:     0.21 ms" under its Latency block.
-    match = re.search(r"Median:\s+([0-9.]+)\s*ms", done.stdout)
+    # benchmark_app prints "[ INFO ]    Median:     0.21 ms" (or "210.5 us") under its Latency block.
+    match = re.search(r"Median:\s+([0-9.]+)\s*(ms|us)", done.stdout)
     if done.returncode != 0 or match is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise SystemExit(f"benchmark_app failed: {' | '.join(tail)}")
-    return float(match.group(1))
+    return float(match.group(1)) / (1000.0 if match.group(2) == "us" else 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,8 +111,10 @@ class OpenVinoRuntime(Runtime):
         return None if dim.is_dynamic else int(dim.get_length())
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        self.request.infer({name: inputs[name] for name in self._names})
-        # The output tensor's memory is reused by the next inference: copy it out.
+        # share_inputs: the request reads the caller's arrays in place instead of copying them first (a
+        # measurable share of a sub-millisecond inference). The output memory is reused by the next inference,
+        # so it is copied out.
+        self.request.infer({name: inputs[name] for name in self._names}, share_inputs=True)
         return np.array(self.request.get_output_tensor(0).data, copy=True)
 
     def offline_runner(self, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
