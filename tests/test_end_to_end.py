@@ -311,8 +311,8 @@ def test_output_locked_by_a_live_run_exits_6(tiny_checkpoint: Path, tmp_path: Pa
         sleeper.wait()
 
 
-# Failed twice when run after the whole suite in a fresh clone, passes alone and as a module: under
-# investigation. SIGINT -> 130 with previous outputs intact stays covered in the fast suite by
+# Timed out after SIGINT twice when run after the whole suite in a fresh clone; passes alone and as a
+# module (likely an inherited ignored SIGINT, now reset in the child: to be confirmed). SIGINT -> 130 with previous outputs intact stays covered in the fast suite by
 # tests/test_faults.py::test_running_run_locks_out_a_second_then_sigint_exits_130_keeping_previous_outputs.
 @pytest.mark.slow
 def test_ctrl_c_exits_130_naming_the_stage_and_leaves_no_partial_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -324,8 +324,10 @@ def test_ctrl_c_exits_130_naming_the_stage_and_leaves_no_partial_output(tiny_che
     recipe["evaluate"]["latency"].update(min_duration_s=30, max_duration_s=60)
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # A child inherits an ignored SIGINT; give it the default disposition, as a terminal would.
     process = subprocess.Popen([sys.executable, "-m", "optimizer", "run", str(write_recipe(tmp_path, recipe)),
-                                "--out", str(out)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+                                "--out", str(out)], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "measurements").exists() and not any(out.glob(".staging-*/measurements")):
         time.sleep(0.2)
