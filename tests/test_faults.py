@@ -38,7 +38,7 @@ from optimizer.errors import (
     EXIT_USAGE,
     InputRejected,
 )
-from tests.conftest import REPO, quickstart_dict, write_recipe
+from tests.conftest import REPO, default_sigint, quickstart_dict, write_recipe
 
 FACTORY = "tests.test_faults:tiny_linear"
 LEFTOVER_MARKS = (".staging-", ".old-", ".publish.json", ".tmp-", ".write-probe")
@@ -149,7 +149,7 @@ def cli(*args: str) -> tuple[int, str]:
 def spawn(*args: str, **kwargs) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "optimizer", *args], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint, **kwargs)
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -703,10 +703,6 @@ def _wait_for_stage(process: subprocess.Popen, stage: str,
     return seen, thread
 
 
-# Timed out after SIGINT when run after the whole suite in a fresh clone (passes alone): a process that
-# starts with SIGINT ignored keeps ignoring it, and something earlier in the suite may leave it ignored.
-# In the slow suite until that is confirmed; the run's exit code 130 path is unchanged.
-@pytest.mark.slow
 def test_running_run_locks_out_a_second_then_sigint_exits_130_keeping_previous_outputs(
         previous, linear_checkpoint: Path, tmp_path: Path) -> None:
     _, out, before = previous

@@ -12,7 +12,6 @@ Only torch and numpy are imported at module import; safetensors is imported when
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from optimizer.data.idx import load_fashion_mnist
+from optimizer.examples.checkpoint_io import save_checkpoint
 from optimizer.zoo import small_resnet
 
 FACTORY = "optimizer.zoo:small_resnet"
@@ -57,22 +57,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor)
     return correct / len(images)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temp name in the same folder, then rename: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # the writer creates 0600 files; a checkpoint is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int = 0, root: Path = DEFAULT_ROOT,
                          threads: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``small_resnet(**MODEL_KWARGS)``, save ``out`` and ``<out>.json``, return the sidecar dict."""
-    from safetensors.torch import save_file  # only needed at the end; keeps module import light
-
     out = Path(out)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -122,10 +109,6 @@ def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int =
             f"test acc {accuracy:.4f}  elapsed {time.perf_counter() - started:.1f}s")
     train_seconds = time.perf_counter() - started
 
-    model = model.to(memory_format=torch.contiguous_format)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda tmp: save_file(state, str(tmp)))
     info: dict[str, Any] = {
         "factory": FACTORY,
         "kwargs": MODEL_KWARGS,
@@ -136,8 +119,7 @@ def train_fashion_resnet(out: Path, *, epochs: int = DEFAULT_EPOCHS, seed: int =
         "test_accuracy": accuracy,
         "train_seconds": round(train_seconds, 1),
     }
-    sidecar = out.with_name(out.name + ".json")
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    sidecar = save_checkpoint(model, out, info)
     log(f"saved {out} and {sidecar.name}: test accuracy {accuracy:.4f}, {train_seconds:.1f}s training")
     return info
 
