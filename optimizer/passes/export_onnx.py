@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Literal
 
 import numpy as np
@@ -107,11 +109,15 @@ class ExportOnnx(Pass):
             if cfg.exporter == "dynamo":
                 batch = torch.export.Dim("batch")
                 dynamic = tuple({0: batch} for _ in names) if cfg.dynamic_batch else None
-                torch.onnx.export(
-                    module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
-                    opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
-                    verbose=False,
-                )
+                with warnings.catch_warnings():
+                    # Several inputs share the one batch dimension (MiniLM's ids and mask): the exporter
+                    # keeps one name for it and warns that the others are unused, which is what we want.
+                    warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used")
+                    torch.onnx.export(
+                        module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
+                        opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
+                        verbose=False,
+                    )
             else:
                 axes = {name: {0: "batch"} for name in [*names, cfg.output_name]} if cfg.dynamic_batch else None
                 torch.onnx.export(
