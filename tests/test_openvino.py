@@ -117,6 +117,26 @@ def test_offline_measurement_uses_a_throughput_hinted_model(fp32_run) -> None:
     assert property_text(compiled.get_property("INFERENCE_PRECISION_HINT")) == "f32"
 
 
+def test_bound_inputs_follow_the_callers_arrays(fp32_run) -> None:
+    """The runtime keeps an array bound to its request between calls (the latency loop's bare infer()): it
+    must still read the array's current contents, and take any layout, dtype and batch it is given."""
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime
+
+    _, out = fp32_run
+    runtime = OpenVinoRuntime(Artifact.load(out / "artifacts" / "openvino"), threads=1)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((2, 1, 28, 28), dtype=np.float32)
+    first = runtime.run({"images": images})
+    again = runtime.run({"images": images})
+    np.testing.assert_array_equal(first, again)
+    images[:] = rng.standard_normal(images.shape, dtype=np.float32)  # changed in place, same object
+    changed = runtime.run({"images": images})
+    np.testing.assert_allclose(changed, runtime.run({"images": images.copy()}), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(changed, first)
+    odd = np.asfortranarray(images[:1].astype(np.float64))  # copied, not bound
+    np.testing.assert_allclose(runtime.run({"images": odd}), changed[:1], rtol=1e-4, atol=1e-4)
+
+
 def test_compile_properties_leave_nothing_to_defaults() -> None:
     from optimizer.runtimes.openvino_cpu import compile_properties
 
