@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "prune_distill_int8.yaml"
 
 
-def variant_recipes(epochs: int) -> dict[str, dict]:
+def variant_recipes(epochs: int, seed: int = 0) -> dict[str, dict]:
     base = yaml.safe_load(RECIPE.read_text())
+    base["seed"] = seed  # the order of training batches (fine-tuning and distillation alike)
     base["model"]["checkpoint"] = str((RECIPE.parent / base["model"]["checkpoint"]).resolve())
     base["budget"] = {}
     stages = {s["name"]: s for s in base["stages"]}
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="epochs for finetune and for distill (the same)")
     parser.add_argument("--trials", type=int, default=3, help="latency trials per variant")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="the recipes' seed: batch order of both trainings")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_prune_distill")
     args = parser.parse_args(argv)
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from optimizer.recipe import load_recipe
 
     rows: dict[str, dict] = {}
-    for name, recipe in variant_recipes(args.epochs).items():
+    for name, recipe in variant_recipes(args.epochs, args.seed).items():
         print(f"building {name} ...", file=sys.stderr, flush=True)
         report = run_recipe(recipe, out=args.out / name.replace("+", "-"), quiet=True)
         torch_stage = [s for s in report.stages if s["form"] == "torch"][-1]
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     # The same eval inputs for every variant's latency, measured in rotating order.
-    loaded = load_recipe(variant_recipes(args.epochs)["baseline"])
+    loaded = load_recipe(variant_recipes(args.epochs, args.seed)["baseline"])
     data = DataProvider(loaded, list(loaded.recipe.model.inputs)).eval()
     work = args.out / ".latency"
     work.mkdir(parents=True, exist_ok=True)
