@@ -48,8 +48,9 @@ FACTORY = "optimizer.examples.mobilenet_fashion:mobilenet_v2_fashion"
 MODEL_KWARGS: dict[str, Any] = {"num_classes": 10}
 DEFAULT_ROOT = Path(os.environ.get("FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"))
 # features[:CUT] stays frozen (ImageNet weights, BatchNorm in eval mode); features[CUT:] and the head train.
-# 18 leaves the last 1×1 convolution trainable: about 14 ms per image per epoch on two busy cores, where
-# also training the last inverted-residual block (CUT 17) costs 3.5× more for the same number of epochs.
+# 18 leaves the last 1×1 convolution and the head trainable, so the frozen prefix runs once per image (its
+# features are cached) and every epoch runs only the small tail: the checkpoint's .json records the split
+# (feature_seconds 603 of total_seconds 915 for the shipped settings on 2 cores).
 CUT = 18
 DEFAULT_TRAIN_SAMPLES = 3000
 DEFAULT_TEST_SAMPLES = 1000
