@@ -28,6 +28,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize.nncf": "optimizer.passes.quantize_nncf:QuantizeNncf",
     "quantize.ort": "optimizer.passes.quantize_ort:QuantizeOrt",
     "prune.structured": "optimizer.passes.prune_structured:PruneStructured",
+    "recover.batchnorm": "optimizer.passes.recover:RecoverBatchNorm",
+    "recover.reconstruct": "optimizer.passes.recover:RecoverReconstruct",
 }
 
 _registered: dict[str, type["Pass"]] = {}

@@ -896,7 +896,7 @@ def _run_once(pass_cls: type["Pass"], instance: "Pass", setup: _Setup, stage: st
     error: Exception | None = None
     with _watch_writes(work_dir) as recorder:
         try:
-            produced = instance.run(setup.references["baseline"], ctx)
+            produced = instance.run(setup.input, ctx)
         except Exception as exc:  # noqa: BLE001 - the failure is the finding
             error = exc
 

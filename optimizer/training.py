@@ -23,6 +23,35 @@ One function, :func:`train`, runs the loop in-process or, started by ``torch.dis
   epoch (or every ``eval_every`` steps) and at the end; an in-memory copy of the best state is kept
   (ties keep the earlier one, so the incoming weights win if training never helps) and restored at the
   end. ``patience`` evaluations without improvement stop training early.
+* **Frugal settings** (for recovering a pruned network in minutes on a small CPU):
+
+  - ``cache_teacher`` (distillation only, :class:`KDSettings`): the teacher's logits for every training
+    sample are computed once before the loop (eval mode, ``no_grad``, in batches; sharded over the ranks
+    and gathered when distributed), kept on the CPU (samples x classes x 4 bytes), and each step reads
+    its batch's rows by sample index instead of running the teacher. This is exact: the loop feeds every
+    sample unchanged (no augmentation, no random crop or noise; the only randomness is the order of the
+    samples) and the teacher is in eval mode, so its output for a sample is a function of that sample
+    alone. The only possible difference is float rounding: the cache is computed in other batch
+    compositions than the training steps, and a kernel may sum in another order for another batch shape
+    (on the example's CPU the trained weights came out bit-identical). Feature distillation needs the teacher's intermediate features of each batch, so it
+    cannot use the cache (the config refuses the pair).
+  - ``train_only`` (:class:`TrainingConfig`): regular expressions searched (``re.search``) in the
+    student's parameter names; only matching parameters get ``requires_grad`` and go to the optimizer,
+    the others are frozen (bit-identical afterwards). Every pattern must match at least one parameter.
+    A BatchNorm module none of whose parameters trains (also one without affine parameters) is kept in
+    eval mode during training: it normalizes with its running statistics and does not update them.
+    Otherwise the frozen layers' statistics would drift towards the training batches while the weights
+    around them cannot adapt, and their outputs would no longer be what the deployed model computes.
+    Autograd builds no graph in front of the first trained parameter, so a frozen front costs its
+    forward only. Feature projections (learned with ``feature_layers``) always train.
+  - ``max_minutes`` (:class:`TrainingConfig`): a wall-clock budget for the training steps (the clock
+    starts at the first step, after the teacher cache and the step-0 evaluation). When it is spent,
+    training stops after the current step, the selection set is evaluated (unless that step was just
+    evaluated) and the best state seen is kept, as at any end. The learning-rate schedule is still
+    planned over ``epochs``/``steps``, so a run the budget stops ends before the schedule has decayed:
+    set ``steps`` to what the budget allows when the schedule matters. When distributed, rank 0's clock
+    decides and the decision is broadcast each step, so that all ranks stop at the same step.
+
 * **Threads.** Training is throughput work, unlike the single-stream latency that ``evaluate.latency.
   threads`` describes, so the loop uses every core this process may run on (``os.sched_getaffinity``),
   divided among the processes of a distributed job; ``threads`` in the config overrides that. The caller's
@@ -41,12 +70,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from optimizer.errors import RecipeError, StageError
 from optimizer.models import try_eval
@@ -104,6 +134,26 @@ class TrainingConfig(PassConfig):
     threads: int | None = Field(
         default=None, ge=1, description="Torch threads per training process (default: all usable cores / processes).")
     device: Literal["cpu", "cuda"] = Field(default="cpu", description="Train on the CPU or on CUDA (nccl when distributed).")
+    train_only: list[str] = Field(
+        default_factory=list,
+        description="Train only the parameters whose names (as in model.named_parameters(), e.g. 'fc.weight') "
+                    "match one of these regular expressions (re.search); freeze the others. BatchNorm layers "
+                    "with no trained parameter stay in eval mode (running statistics kept). Each pattern must "
+                    "match a parameter. Empty (default): train everything.")
+    max_minutes: float | None = Field(
+        default=None, gt=0,
+        description="Wall-clock budget of the training steps in minutes: when spent, training stops after the "
+                    "current step, evaluates on the selection set and keeps the best state seen (default: none).")
+
+    @field_validator("train_only")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"train_only: {pattern!r} is not a regular expression ({exc})") from None
+        return value
 
     @model_validator(mode="after")
     def _epochs_or_steps(self) -> "TrainingConfig":
@@ -122,6 +172,8 @@ class KDSettings:
     temperature: float = 4.0
     alpha: float = 0.7
     feature_layers: list[FeaturePair] = field(default_factory=list)
+    #: Compute the teacher's logits for every training sample once, before the loop (see the module doc).
+    cache_teacher: bool = False
 
 
 # ------------------------------------------------------------------------------------------ distributed
@@ -306,6 +358,14 @@ class TrainResult:
     threads_per_process: int
     train_samples: int
     selection_samples: int
+    #: Seconds spent computing the teacher cache (``cache_teacher``), None when the teacher ran every step.
+    teacher_cache_seconds: float | None = None
+    #: Scalars of the student's parameters that trained (``train_only``) and in all.
+    trained_parameters: int = 0
+    total_parameters: int = 0
+    #: Whether ``max_minutes`` ended training, and after which step (None when it did not).
+    budget_stopped: bool = False
+    budget_stop_step: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -348,6 +408,67 @@ def _sync_buffers(model: "torch.nn.Module", info: DistInfo) -> None:
 
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def _select_trained(student: "torch.nn.Module", patterns: list[str], *, where: str) -> dict[str, bool]:
+    """Which student parameters train, by name: all without ``patterns``, else those any pattern matches.
+
+    A pattern that matches nothing is almost always a typo (or a name from another architecture); training
+    would then silently freeze what the recipe meant to train, so it is an error naming the pattern.
+    """
+    names = [name for name, _ in student.named_parameters()]
+    if not patterns:
+        return dict.fromkeys(names, True)
+    compiled = [(pattern, re.compile(pattern)) for pattern in patterns]
+    for pattern, regex in compiled:
+        if not any(regex.search(name) for name in names):
+            examples = names[:6]
+            raise RecipeError(f"{where}: train_only pattern {pattern!r} matches no parameter of the student; "
+                              f"its parameters are named like {examples}{' ...' if len(names) > 6 else ''}")
+    return {name: any(regex.search(name) for _, regex in compiled) for name in names}
+
+
+def _frozen_batchnorms(student: "torch.nn.Module") -> list["torch.nn.Module"]:
+    """BatchNorm modules none of whose parameters trains: they stay in eval mode (see the module doc)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return [m for m in student.modules()
+            if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def _teacher_cache(teacher: "torch.nn.Module", inputs: dict[str, "torch.Tensor"], names: list[str],
+                   info: DistInfo, *, layout, batch_size: int = 512) -> "torch.Tensor":
+    """The teacher's logits for every training sample, in sample order, on the CPU.
+
+    Computed in eval mode under ``no_grad`` (not ``inference_mode``: the rows later enter ``kl_div``,
+    whose backward keeps its target, and inference tensors cannot be saved for backward). When
+    distributed, each rank computes one contiguous shard and the shards are gathered, so the cache costs
+    each rank 1/world_size of one pass over the data, and every rank ends up with the same full table.
+    """
+    import torch
+
+    total = len(next(iter(inputs.values())))
+    shard = math.ceil(total / info.world_size)
+    start, stop = min(total, info.rank * shard), min(total, (info.rank + 1) * shard)
+    parts: list[torch.Tensor] = []
+    with torch.no_grad():
+        for lo in range(start, stop, batch_size):
+            hi = min(stop, lo + batch_size)
+            xs = [inputs[n][lo:hi].to(info.device).contiguous(memory_format=layout) for n in names]
+            parts.append(_logits(teacher(*xs)).detach().float())
+        if not info.distributed:
+            return torch.cat(parts).cpu()
+        import torch.distributed as dist
+
+        # Every rank needs the number of classes even with an empty shard (more ranks than samples).
+        classes = torch.tensor([parts[0].shape[1] if parts else 0], dtype=torch.int64, device=info.device)
+        dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+        local = torch.zeros((shard, int(classes.item())), dtype=torch.float32, device=info.device)
+        if parts:
+            local[:stop - start] = torch.cat(parts)
+        gathered = [torch.empty_like(local) for _ in range(info.world_size)]
+        dist.all_gather(gathered, local)
+        return torch.cat(gathered)[:total].cpu()
 
 
 def train(
@@ -411,6 +532,17 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     # (about 6x for the example ResNet's training step). Only the memory layout changes, not the values.
     layout = torch.channels_last if all(a.dim() == 4 for a in inputs.values()) else torch.contiguous_format
     student.to(info.device, memory_format=layout)
+
+    # train_only: freeze what no pattern names (before DDP wraps the student: DDP reduces only what trains).
+    requires_grad_before = {name: p.requires_grad for name, p in student.named_parameters()}
+    if cfg.train_only:
+        trained = _select_trained(student, cfg.train_only, where=where)
+        for name, parameter in student.named_parameters():
+            parameter.requires_grad_(trained[name])
+    frozen_bns = _frozen_batchnorms(student) if cfg.train_only else []
+    trained_parameters = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    total_parameters = sum(p.numel() for p in student.parameters())
+
     if teacher is not None:
         teacher.to(info.device, memory_format=layout)
         try_eval(teacher)  # the teacher stays in eval mode: only the student wrapper is switched to train()
@@ -441,6 +573,18 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
             except RecipeError as exc:
                 raise RecipeError(f"{where}: {exc}") from None
         projections.to(info.device, memory_format=layout)
+
+    # cache_teacher: one teacher pass over the training samples replaces one per step.
+    cached_logits: torch.Tensor | None = None
+    cache_seconds: float | None = None
+    if teacher is not None and kd.cache_teacher:
+        if pairs:
+            raise RecipeError(f"{where}: cache_teacher and feature_layers cannot be combined (feature distillation "
+                              "needs the teacher's intermediate features at every step)")
+        progress(f"computing the teacher's outputs for {total_samples} samples once (cache_teacher)", 0.0)
+        cache_started = time.perf_counter()
+        cached_logits = _teacher_cache(teacher, inputs, names, info, layout=layout)
+        cache_seconds = round(time.perf_counter() - cache_started, 3)
     wrapped = _wrapper_class()(student, s_tap, pairs, projections)
     model: nn.Module = wrapped
     if info.distributed:
@@ -453,6 +597,24 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train_mode() -> None:
+        """Train mode, except for the BatchNorm layers train_only freezes (they keep their statistics)."""
+        model.train()
+        for module in frozen_bns:
+            module.eval()
+
+    deadline: float | None = None
+
+    def over_budget() -> bool:
+        """Whether max_minutes is spent; rank 0's clock decides for every rank (one broadcast per step)."""
+        flag = torch.tensor([1 if deadline is not None and time.perf_counter() >= deadline else 0])
+        if info.distributed:
+            import torch.distributed as dist
+
+            flag = flag.to(info.device)
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -499,13 +661,16 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
     best_state, best_step = snapshot(), 0
     since_best = 0
     stopped_early = False
+    budget_stopped, budget_stop_step = False, None
     step = 0
     T, alpha = kd.temperature, kd.alpha
     progress(f"epoch 0/{epochs_total} selection top-1 {best_acc:.3f}", 0.0)
+    if cfg.max_minutes is not None:
+        deadline = time.perf_counter() + cfg.max_minutes * 60
 
     for epoch in range(epochs_total):
         perm = rng.permutation(total_samples)  # the same on every rank: one seed, one sequence
-        model.train()
+        train_mode()
         for b in range(steps_per_epoch):
             if step >= total_steps:
                 break
@@ -518,8 +683,11 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
             ce = F.cross_entropy(logits, y)
             kd_loss = feat_loss = None
             if teacher is not None:
-                with torch.no_grad():
-                    t_logits = _logits(teacher(*xs))
+                if cached_logits is not None:
+                    t_logits = cached_logits[index].to(info.device)
+                else:
+                    with torch.no_grad():
+                        t_logits = _logits(teacher(*xs))
                 kd_loss = F.kl_div(F.log_softmax(logits / T, dim=1), F.log_softmax(t_logits / T, dim=1),
                                    reduction="batchmean", log_target=True) * (T * T)
                 loss = alpha * kd_loss + (1 - alpha) * ce
@@ -542,9 +710,10 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
             progress(f"epoch {epoch + 1}/{epochs_total} loss {running:.3f}", step / total_steps)
             end_of_epoch = b == steps_per_epoch - 1
             due = (step % cfg.eval_every == 0) if cfg.eval_every else end_of_epoch
-            if due or step == total_steps:
+            out_of_time = deadline is not None and step < total_steps and over_budget()
+            if due or step == total_steps or out_of_time:
                 acc = record(step, step / steps_per_epoch)
-                model.train()
+                train_mode()
                 if acc > best_acc:
                     best_acc, best_state, best_step, since_best = acc, snapshot(), step, 0
                 else:
@@ -552,13 +721,18 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
                 if cfg.patience is not None and since_best >= cfg.patience and step < total_steps:
                     stopped_early = True
                     break
-        if stopped_early or step >= total_steps:
+            if out_of_time:
+                budget_stopped, budget_stop_step = True, step
+                break
+        if stopped_early or budget_stopped or step >= total_steps:
             break
 
     if s_tap is not None:
         s_tap.remove()
         t_tap.remove()
     student.load_state_dict(best_state)
+    for name, parameter in student.named_parameters():
+        parameter.requires_grad_(requires_grad_before[name])
     student.eval()
     final_acc = evaluate()
     student.to("cpu", memory_format=torch.contiguous_format)
@@ -566,5 +740,7 @@ def _train(student, train_data, selection, cfg: TrainingConfig, *, seed, teacher
         history=history, best_eval_acc=best_acc, best_step=best_step, final_selection_acc=final_acc, steps=step,
         epochs=round(step / steps_per_epoch, 4), stopped_early=stopped_early,
         train_seconds=round(time.perf_counter() - started, 3), world_size=world, threads_per_process=threads,
-        train_samples=total_samples, selection_samples=len(selection),
+        train_samples=total_samples, selection_samples=len(selection), teacher_cache_seconds=cache_seconds,
+        trained_parameters=trained_parameters, total_parameters=total_parameters, budget_stopped=budget_stopped,
+        budget_stop_step=budget_stop_step,
     )

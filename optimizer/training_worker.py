@@ -42,7 +42,8 @@ def run(request: dict) -> dict:
         if request.get("kd"):
             raw = request["kd"]
             kd = KDSettings(temperature=raw["temperature"], alpha=raw["alpha"],
-                            feature_layers=[FeaturePair.model_validate(p) for p in raw["feature_layers"]])
+                            feature_layers=[FeaturePair.model_validate(p) for p in raw["feature_layers"]],
+                            cache_teacher=bool(raw.get("cache_teacher", False)))
         train_data, selection = load_arrays(Path(request["data_npz"]))
 
         def progress(description: str, fraction: float | None = None) -> None:

@@ -21,6 +21,14 @@ training; the figure the report shows (the eval split) is then unbiased. ``selec
 seeded subset of the eval split instead, which picks the checkpoint on data the report then scores, and
 so biases the reported accuracy slightly upwards (more so with small eval sets and many evaluations).
 
+Frugal recovery (see :mod:`optimizer.training` for the details): ``cache_teacher`` runs the teacher once
+over the training samples instead of once per step, ``train_only`` trains only the parameters whose names
+match its regular expressions (frozen BatchNorm layers keep their running statistics), and ``max_minutes``
+bounds the wall-clock time of the training steps, keeping the best state seen. All three work with
+``processes: N > 1`` as well. ``training`` in the stage's details records the cache's seconds
+(``teacher_cache_seconds``), ``trained_parameters`` of ``total_parameters``, and whether the budget stopped
+training (``budget_stopped``, ``budget_stop_step``).
+
 ``processes: N > 1`` runs the loop under DistributedDataParallel in N processes started with
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m optimizer.training_worker
 REQUEST.json``; the arrays go to the worker once, as an ``.npz``, and rank 0 writes the weights and
@@ -41,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from optimizer.artifact import Artifact
 from optimizer.errors import RecipeError, StageError, error_from_exit_code
@@ -74,6 +82,18 @@ class DistillConfig(TrainingConfig):
                          description="Weight of the distillation term; 1 - alpha weighs cross-entropy on labels.")
     feature_layers: list[FeaturePair] = Field(
         default_factory=list, description="Feature-distillation pairs {student, teacher, weight} (MSE).")
+    cache_teacher: bool = Field(
+        default=False,
+        description="Compute the teacher's logits for every training sample once, before training, and read them "
+                    "by sample index instead of running the teacher at every step (exact: training applies no "
+                    "augmentation). Memory: samples x classes x 4 bytes. Not with feature_layers.")
+
+    @model_validator(mode="after")
+    def _cache_without_features(self) -> "DistillConfig":
+        if self.cache_teacher and self.feature_layers:
+            raise ValueError("cache_teacher and feature_layers cannot be combined: feature distillation needs the "
+                             "teacher's intermediate features at every step; drop one of them")
+        return self
 
     @field_validator("teacher")
     @classmethod
@@ -239,7 +259,8 @@ class _TrainPass(Pass):
         if not self.uses_teacher:
             return None
         cfg: DistillConfig = self.config  # type: ignore[assignment]
-        return KDSettings(temperature=cfg.temperature, alpha=cfg.alpha, feature_layers=list(cfg.feature_layers))
+        return KDSettings(temperature=cfg.temperature, alpha=cfg.alpha, feature_layers=list(cfg.feature_layers),
+                          cache_teacher=cfg.cache_teacher)
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         cfg: TrainingConfig = self.config  # type: ignore[assignment]
@@ -301,7 +322,8 @@ class _TrainPass(Pass):
             "teacher": teacher_spec,
             "training": training_fields,
             "kd": None if kd is None else {"temperature": kd.temperature, "alpha": kd.alpha,
-                                           "feature_layers": [p.model_dump() for p in kd.feature_layers]},
+                                           "feature_layers": [p.model_dump() for p in kd.feature_layers],
+                                           "cache_teacher": kd.cache_teacher},
             "data_npz": str(data_npz),
             "seed": ctx.seed,
             "stage": ctx.stage,

@@ -11,7 +11,9 @@ that ``load_torch_module`` applies before loading the weights: no pickle.
 
 Targets: a channel ``ratio`` (what Torch-Pruning calls ``pruning_ratio``), or a ``macs_reduction`` /
 ``params_reduction`` reached by bisection over the ratio, pruning a deep copy at each step and measuring
-the copy with ``optimizer.measure.complexity.count_macs``.
+the copy with ``optimizer.measure.complexity.count_macs``. With ``allocation: latency`` the target is a time
+instead (``target_latency_ms`` or ``speedup``) and each group gets its own width, chosen from latencies
+measured on the deployment runtime (``optimizer.passes.prune_latency``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from optimizer.errors import GateFailed, MissingDependency, StageError
 from optimizer.measure.complexity import count_macs
 from optimizer.models import count_parameters
 from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext
+from optimizer.passes.prune_latency import LatencySettings
 
 if TYPE_CHECKING:
     import torch
@@ -111,6 +114,20 @@ class PruneStructuredConfig(PassConfig):
         "output size. Set false only when the output layer is named in 'ignore' or the model has none.")
     taylor_batches: int = Field(default=4, ge=1, description="Calibration batches whose gradients rank channels (taylor).")
     taylor_batch_size: int = Field(default=32, ge=1, description="Samples per calibration batch (taylor).")
+    allocation: Literal["uniform", "latency"] = Field(
+        default="uniform",
+        description="'uniform': the ratio/MAC/param target decides widths (per layer, or global_pruning). 'latency': "
+        "per-group widths chosen from block latencies measured on the deployment runtime to meet "
+        "target_latency_ms or speedup while keeping the most importance.")
+    target_latency_ms: float | None = Field(
+        default=None, gt=0,
+        description="allocation: latency — batch-1 latency the pruned model must reach on the timing runtime (ms).")
+    speedup: float | None = Field(
+        default=None, gt=1,
+        description="allocation: latency — required speedup over the unpruned model on the timing runtime.")
+    latency: LatencySettings = Field(
+        default_factory=LatencySettings,
+        description="allocation: latency — where and how the latency table is measured.")
     prune_heads: float = Field(
         default=0.0, ge=0, lt=1,
         description="Fraction of attention heads to remove, in nn.MultiheadAttention and in Hugging Face "
@@ -119,6 +136,18 @@ class PruneStructuredConfig(PassConfig):
 
     @model_validator(mode="after")
     def _one_target(self) -> "PruneStructuredConfig":
+        timed = [name for name in ("target_latency_ms", "speedup") if getattr(self, name) is not None]
+        if self.allocation == "latency":
+            others = [n for n in ("ratio", "macs_reduction", "params_reduction") if getattr(self, n) is not None]
+            if len(timed) != 1 or others:
+                raise ValueError("allocation: latency takes exactly one target: target_latency_ms or speedup"
+                                 + (f"; got {', '.join(timed + others)}" if timed or others else ""))
+            if self.prune_heads > 0 or self.global_pruning or self.iterative_steps > 1:
+                raise ValueError("allocation: latency chooses every width itself; remove prune_heads, "
+                                 "global_pruning and iterative_steps")
+            return self
+        if timed:
+            raise ValueError(f"{', '.join(timed)} needs allocation: latency")
         given = [name for name in ("ratio", "macs_reduction", "params_reduction") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one target: ratio (channel fraction), macs_reduction or params_reduction"
@@ -252,7 +281,9 @@ class PruneStructured(Pass):
     Config = PruneStructuredConfig
 
     def required_data(self) -> tuple[DataNeed, ...]:
-        return ("calibration",) if self.config.importance == "taylor" else ()  # type: ignore[attr-defined]
+        cfg: PruneStructuredConfig = self.config  # type: ignore[assignment]
+        sensitivity = cfg.allocation == "latency" and cfg.latency.group_cost == "sensitivity"
+        return ("calibration",) if cfg.importance == "taylor" or sensitivity else ()
 
     # -- pruning one copy ------------------------------------------------------------------------
 
@@ -422,7 +453,30 @@ class PruneStructured(Pass):
             return pruned, info, count_parameters(pruned), count_macs(pruned, inputs)
 
         search: list[dict[str, Any]] = []
-        if cfg.ratio is not None:
+        latency_report: dict[str, Any] | None = None
+        if cfg.allocation == "latency":
+            from optimizer.passes.prune_latency import resolve_target, run_latency_allocation
+
+            modules = dict(model.named_modules())
+            if cfg.importance == "taylor":
+                self._gradients(model, batches)
+            runtime, precision = resolve_target(cfg.latency, list(ctx.recipe.recipe.stages), ctx.stage)
+            threads = cfg.latency.threads or ctx.recipe.recipe.evaluate.latency.threads
+            calibration = None
+            if cfg.latency.group_cost == "sensitivity":
+                data = ctx.data.calibration()
+                arrays = data.batch(0, min(cfg.latency.sensitivity_samples, len(data)))
+                calibration = tuple(torch.from_numpy(np.ascontiguousarray(arrays[spec.name])) for spec in inputs)
+            pruned, latency_report = run_latency_allocation(
+                tp, model=model, example=example, ignored=[modules[n] for n in ignored_names],
+                importance=self._importance(tp), round_to=cfg.round_to or 1, target_ms=cfg.target_latency_ms,
+                speedup=cfg.speedup, settings=cfg.latency, runtime=runtime, precision=precision, threads=threads,
+                where=stage, progress=ctx.progress.update, calibration=calibration)
+            model.zero_grad(set_to_none=True)
+            info = {}
+            params_after, macs_after = count_parameters(pruned), count_macs(pruned, inputs)
+            chosen_ratio = None
+        elif cfg.ratio is not None:
             ctx.progress.update(f"pruning (ratio {cfg.ratio})")
             pruned, info, params_after, macs_after = attempt(cfg.ratio)
             chosen_ratio = cfg.ratio
@@ -523,6 +577,7 @@ class PruneStructured(Pass):
                               for name, widths in after_kept.items() if before_kept.get(name) != widths},
             "reload_max_abs_diff": diff,
             **({"search": search} if search else {}),
+            **({"latency": latency_report} if latency_report else {}),
             **info,
         }
         return result

@@ -450,3 +450,36 @@ def profile_legend(profiles: Sequence[tuple[str, dict[str, Any]]]) -> str:
     items.append((swatch(OTHER), "other"))
     return legend(items)
 
+
+
+# ---------------------------------------------------------------------------------- latency table
+
+
+def latency_table_chart(table: dict[str, dict[str, Any]], *, width: int = 1100, height: int = 340) -> str:
+    """Measured block latency against kept width (as a fraction of the block's full width), one line per
+    pruning group, with the width the allocator chose drawn as a large filled marker."""
+    left, right, top, bottom = 70, 16, 30, 52
+    out = [svg_open(width, height, "Latency table: block latency against kept width, chosen widths marked")]
+    groups = [(name, g) for name, g in table.items() if g.get("widths") and g.get("ms")]
+    if not groups:
+        out.append(text(width / 2, height / 2, "no latency table", anchor="middle", fill=MUTED))
+        return "".join(out) + "</svg>"
+    fractions = [w / g["channels"] for _, g in groups for w in g["widths"]]
+    times = [ms for _, g in groups for ms in g["ms"]]
+    x0 = min(fractions) - 0.05
+    sx = Scale(x0, 1.05, left, width - right)
+    y1 = max(times) * 1.1 or 1.0
+    sy = Scale(0.0, y1, height - bottom, top)
+    out += axis_y(sy, nice_ticks(0.0, y1, 5), left, width - right, "block latency, ms")
+    out += axis_x(sx, nice_ticks(max(0.0, x0), 1.0, 5), height - bottom, top, "kept width (fraction of the block's channels)")
+    for k, (name, g) in enumerate(groups):
+        color = PALETTE[k % len(PALETTE)]
+        pts = [(w / g["channels"], ms) for w, ms in zip(g["widths"], g["ms"])]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(pts))
+        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.5" opacity="0.8"/>')
+        for w, (x, y) in zip(g["widths"], pts):
+            chosen = w == g.get("chosen")
+            tip = f"{name} ({g.get('block', '')}): {w} of {g['channels']} channels, {y:.4f} ms" + (" (chosen)" if chosen else "")
+            out.append(marker(k, sx(x), sy(y), fill=color if chosen else "#fff", stroke=color, r=6 if chosen else 3,
+                              title=tip))
+    return "".join(out) + "</svg>"

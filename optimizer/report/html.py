@@ -280,6 +280,34 @@ def _sweep(report: dict[str, Any]) -> str:
               "per batch size.</figcaption>" + table + "</section>")
 
 
+def _latency_tables(report: dict[str, Any]) -> str:
+    """Latency-allocated pruning: the measured table as a chart, and prediction against measurement."""
+    sections = []
+    for stage in report["stages"]:
+        info = ((stage.get("details") or {}).get("pruning") or {}).get("latency")
+        if not isinstance(info, dict) or not info.get("table"):
+            continue
+        macs_ratio = (stage.get("details") or {}).get("pruning", {}).get("macs_ratio")
+        facts = [("runtime", f"{info.get('runtime')} {info.get('precision')}, {info.get('threads')} thread(s)"),
+                 ("unpruned", f"{info.get('base_ms', 0):.4f} ms"), ("target", f"{info.get('target_ms', 0):.4f} ms"),
+                 ("predicted", f"{info.get('predicted_ms', 0):.4f} ms"),
+                 ("measured", f"{info.get('measured_ms', 0):.4f} ms"),
+                 ("measured speedup", f"{info.get('measured_speedup', 0):.2f}×"),
+                 ("MAC ratio", f"{macs_ratio:.2f}×" if macs_ratio else "–")]
+        facts_html = "".join(f"<tr><th scope=\"row\">{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in facts)
+        kept = "".join(f"<li>{esc(k.get('group'))} ({esc(k.get('channels'))} channels): {esc(k.get('reason'))}</li>"
+                       for k in info.get("kept_groups") or [])
+        sections.append(
+            f"<h3>{esc(stage['name'])}</h3><figure>{charts.latency_table_chart(info['table'])}"
+            "<figcaption>Each line is one pruning group's block, timed alone at its candidate widths on the "
+            "deployment runtime; the large filled marker is the width chosen.</figcaption></figure>"
+            f"<table class=\"facts\"><tbody>{facts_html}</tbody></table>"
+            + (f"<details><summary>groups left at full width</summary><ul>{kept}</ul></details>" if kept else ""))
+    if not sections:
+        return ""
+    return "<section><h2>Latency-allocated pruning</h2>" + "".join(sections) + "</section>"
+
+
 def _profile(report: dict[str, Any]) -> str:
     profiles = [(s["name"], s["profile"]) for s in report["stages"]
                 if isinstance(s.get("profile"), dict) and s["profile"].get("by_op_type")]
@@ -371,6 +399,7 @@ def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
         + _waterfalls(report)
         + _distributions(report, raw)
         + _sweep(report)
+        + _latency_tables(report)
         + _profile(report)
         + _environment(report)
         + "<footer>report.json in the same folder holds every figure on this page.</footer>"

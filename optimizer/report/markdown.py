@@ -60,6 +60,29 @@ def _profile(report: dict[str, Any]) -> list[str]:
     return ["", "## Where the time goes", "", *lines] if lines else []
 
 
+def _latency_allocation(report: dict[str, Any]) -> list[str]:
+    lines = []
+    for s in report["stages"]:
+        pruning = (s.get("details") or {}).get("pruning") or {}
+        info = pruning.get("latency")
+        if not isinstance(info, dict) or not info.get("table"):
+            continue
+        macs = pruning.get("macs_ratio")
+        lines += ["", f"### {md(s['name'])}: latency-allocated pruning on {md(info.get('runtime'))} "
+                      f"{md(info.get('precision'))}, {info.get('threads')} thread(s)", "",
+                  f"Unpruned {info['base_ms']:.4f} ms, target {info['target_ms']:.4f} ms, predicted "
+                  f"{info['predicted_ms']:.4f} ms, measured {info['measured_ms']:.4f} ms: "
+                  f"{info['measured_speedup']:.2f}× measured speedup"
+                  + (f" for {macs:.2f}× fewer MACs" if macs else "") + ".", ""]
+        rows = [[md(name, cell=True), md(g.get("block", ""), cell=True), str(g["channels"]), str(g["chosen"]),
+                 f"{g['ms'][0]:.4f}", f"{g['ms'][g['widths'].index(g['chosen'])]:.4f}"]
+                for name, g in info["table"].items()]
+        lines += table(["group", "block", "channels", "kept", "block ms full", "block ms kept"], rows)
+        for k in info.get("kept_groups") or []:
+            lines.append(f"- kept at full width: {md(k.get('group'))} ({k.get('channels')} channels): {md(k.get('reason'))}")
+    return ["", "## Latency-allocated pruning", *lines] if lines else []
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     recipe = report.get("recipe") or {}
     lines = [
@@ -78,6 +101,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for note in notes(report):
         lines.append(f"- {md(note)}")
     lines += _sweep(report)
+    lines += _latency_allocation(report)
     lines += _profile(report)
     lines += ["", f"Environment: {md(describe(report.get('environment') or {}))}"]
     if report.get("final"):

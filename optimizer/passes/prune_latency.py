@@ -1,0 +1,456 @@
+"""Latency-allocated structured pruning: per-group widths chosen from measured block latencies.
+
+``prune.structured`` with ``allocation: latency`` comes here. The steps:
+
+1. **Groups.** Torch-Pruning's dependency graph lists the groups of layers that lose channels together.
+   A group is *local* when the smallest module containing all its layers (its *block*: a MobileNetV2
+   inverted residual's ``conv``, a ResNet basic block) holds no other group's root: pruning it changes
+   that block's inside, never the block's inputs or outputs. Local groups are allocated; the others (a
+   residual stream coupling many blocks, a stem, the layer before the head) keep their width and are
+   listed, with the reason, in the report.
+2. **Latency table.** Each local group's block is cut out (its input captured on the example input),
+   pruned to each candidate width (multiples of ``round_to``), exported and timed on the deployment
+   runtime and precision (:mod:`optimizer.measure.latency_table`, cached on disk). The unpruned whole
+   model is timed the same way: the prediction is that figure plus each block's gain.
+3. **Solve.** :func:`optimizer.passes.latency_allocation.allocate`: most importance kept under the target.
+4. **Check.** The pruned whole model is exported and timed. A prediction that missed the measured time by
+   more than ``tolerance`` rescales the target by measured/predicted and solves again (up to
+   ``corrections`` times); the attempt that meets the target with the most importance kept is the result.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from optimizer.errors import RecipeError, StageError
+from optimizer.passes.base import PassConfig
+from optimizer.passes.latency_allocation import Allocation, GroupCosts, Unreachable, allocate
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from optimizer.measure.latency_table import LatencyCache, Target
+
+
+class LatencySettings(PassConfig):
+    """Where and how the latency table is measured (``allocation: latency``)."""
+
+    runtime: Literal["auto", "openvino", "onnxruntime"] = Field(
+        default="auto", description="Runtime the blocks are timed on; 'auto': OpenVINO when a later stage of the "
+        "recipe is compile.openvino, else onnxruntime.")
+    precision: Literal["auto", "fp32", "int8"] = Field(
+        default="auto", description="Precision the blocks are timed in; 'auto': int8 when a later stage "
+        "quantizes (quantize.nncf / quantize.ort), else fp32.")
+    threads: int | None = Field(default=None, ge=1,
+                                description="Threads for timing (default: the recipe's evaluate.latency.threads).")
+    widths: int = Field(default=6, ge=2, le=16, description="Candidate widths timed per group, from the full width "
+                                                            "down to min_width_ratio (multiples of round_to).")
+    min_width_ratio: float = Field(default=0.25, gt=0, le=1,
+                                   description="No group keeps fewer than this fraction of its channels.")
+    tolerance: float = Field(default=0.05, gt=0, lt=1,
+                             description="Largest relative miss between predicted and measured whole-model latency "
+                                         "accepted before the target is corrected and solved again.")
+    corrections: int = Field(default=2, ge=0, le=5, description="Most re-solves after a missed prediction.")
+    group_cost: Literal["importance", "sensitivity"] = Field(
+        default="importance", description="What a narrower width costs a group. 'importance': the channel "
+        "importance removed (the pass's importance criterion, normalized per group). 'sensitivity': measured on "
+        "calibration data: the KL divergence of the model's outputs from the unpruned model's when only that "
+        "group is cut to that width (needs data.calibration; one forward pass per group and width).")
+    sensitivity_samples: int = Field(default=64, ge=1, le=4096,
+                                     description="Calibration samples for group_cost: sensitivity.")
+    solver: Literal["knapsack", "uniform"] = Field(
+        default="knapsack", description="'knapsack': per-group widths keeping the most importance under the target. "
+        "'uniform': the same kept fraction in every group (the widest that meets the target, block times "
+        "interpolated between timed widths): the MAC-uniform control for comparisons at equal measured latency.")
+    cache_dir: str | None = Field(default=None, description="Latency-table cache folder (default: "
+                                  "$OPTIMIZER_CACHE_DIR/latency_tables or ~/.cache/optimizer/latency_tables).")
+
+
+@dataclass
+class LocalGroup:
+    name: str
+    block: str
+    channels: int
+    scores: np.ndarray
+    handler: Any
+    widths: list[int] = field(default_factory=list)
+    ms: list[float] = field(default_factory=list)
+
+
+def _common_prefix(names: list[str]) -> str:
+    parts = [n.split(".") for n in names]
+    prefix: list[str] = []
+    for pieces in zip(*parts):
+        if len(set(pieces)) != 1:
+            break
+        prefix.append(pieces[0])
+    return ".".join(prefix)
+
+
+def resolve_target(settings: LatencySettings, recipe_stages: list, stage: str) -> tuple[str, str]:
+    """(runtime, precision) the later stages deploy, unless set explicitly."""
+    names = [s.name for s in recipe_stages]
+    later = [s.pass_name for s in recipe_stages[names.index(stage) + 1:]] if stage in names else []
+    runtime = settings.runtime
+    if runtime == "auto":
+        runtime = "openvino" if "compile.openvino" in later else "onnxruntime"
+    precision = settings.precision
+    if precision == "auto":
+        precision = "int8" if any(p in ("quantize.nncf", "quantize.ort") for p in later) else "fp32"
+    return runtime, precision
+
+
+def candidate_widths(channels: int, round_to: int, min_ratio: float, count: int) -> list[int]:
+    """From ``channels`` down to about ``min_ratio`` of it, multiples of ``round_to`` (the full width kept as is)."""
+    floor = max(round_to, int(np.ceil(channels * min_ratio / round_to)) * round_to)
+    out = [channels]
+    for fraction in np.linspace(1.0, min_ratio, count)[1:]:
+        width = max(floor, int(round(channels * fraction / round_to)) * round_to)
+        if width < out[-1]:
+            out.append(width)
+    return out
+
+
+def discover_groups(tp, model: "nn.Module", example: tuple, ignored: list["nn.Module"], importance,
+                    round_to: int) -> tuple[list[LocalGroup], list[dict[str, Any]]]:
+    """Local groups with per-channel importance, and the groups left at full width with the reason."""
+    import torch
+    from torch import nn
+
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    names = {m: n for n, m in model.named_modules()}
+    groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)))
+    roots = [names.get(g[0].dep.target.module, "") for g in groups]
+    members_of = [sorted({names[it.dep.target.module] for it in g.items if it.dep.target.module in names})
+                  for g in groups]
+    blocks = [_common_prefix(m) for m in members_of]
+    local: list[LocalGroup] = []
+    kept: list[dict[str, Any]] = []
+    for group, root, members, block in zip(groups, roots, members_of, blocks):
+        module = group[0].dep.target.module
+        channels = int(graph.get_out_channels(module) or 0)
+        # Every layer of the group lies inside `block`, so pruning it leaves the block's inputs and outputs
+        # alone. A block that contains another group's block spans several blocks (a residual stream coupling
+        # them, a stem): timing it means timing most of the model, so such a group keeps its width.
+        spans = [b for b in blocks if b != block and (not block or b.startswith(block + "."))]
+        if not block or spans:
+            kept.append({"group": root, "channels": channels, "layers": len(members),
+                         "reason": "couples layers of several blocks (a residual stream, a stem or the layer before "
+                                   "the head); its width stays"})
+            continue
+        if channels < 2 * round_to:
+            kept.append({"group": root, "channels": channels, "layers": len(members),
+                         "reason": f"{channels} channels: fewer than two multiples of round_to {round_to}"})
+            continue
+        with torch.no_grad():
+            scores = importance(group)
+        if scores is None:
+            kept.append({"group": root, "channels": channels, "layers": len(members),
+                         "reason": "the importance criterion gives no score for this group"})
+            continue
+        local.append(LocalGroup(name=root, block=block, channels=channels,
+                                scores=scores.detach().double().numpy(), handler=group[0].dep.handler))
+    return local, kept
+
+
+def capture_block_inputs(model: "nn.Module", example: tuple, blocks: list[str]) -> dict[str, tuple]:
+    """The positional tensor inputs each block receives on the example input."""
+    import torch
+
+    modules = dict(model.named_modules())
+    captured: dict[str, tuple] = {}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(module, args, kwargs):
+            if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+                captured[name] = ()
+            else:
+                captured.setdefault(name, tuple(a.detach().clone() for a in args))
+        return hook
+
+    for name in set(blocks):
+        hooks.append(modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def _lowest(scores: np.ndarray, remove: int) -> list[int]:
+    return sorted(int(i) for i in np.argsort(scores, kind="stable")[:remove])
+
+
+def prune_block_copy(tp, block: "nn.Module", args: tuple, root_rel: str, handler, scores: np.ndarray,
+                     width: int) -> "nn.Module":
+    """A copy of ``block`` with its group cut to ``width`` (the lowest-scoring channels removed)."""
+    work = copy.deepcopy(block).eval()
+    if width < len(scores):
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=args)
+        module = dict(work.named_modules())[root_rel]
+        graph.get_pruning_group(module, handler, _lowest(scores, len(scores) - width)).prune()
+    return work
+
+
+def prune_model_to_widths(tp, model: "nn.Module", example: tuple, groups: list[LocalGroup],
+                          widths: dict[str, int]) -> "nn.Module":
+    work = copy.deepcopy(model).eval()
+    graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+    modules = dict(work.named_modules())
+    for g in groups:
+        remove = g.channels - widths[g.name]
+        if remove > 0:
+            graph.get_pruning_group(modules[g.name], g.handler, _lowest(g.scores, remove)).prune()
+    for p in work.parameters():
+        p.requires_grad_(True)
+    return work.eval()
+
+
+def _interpolate(widths: list[int], values: list[float], width: float) -> float:
+    order = np.argsort(widths)
+    return float(np.interp(width, np.asarray(widths, dtype=float)[order], np.asarray(values, dtype=float)[order]))
+
+
+def allocate_uniform(groups: list[LocalGroup], base_ms: float, target_ms: float, round_to: int,
+                     min_ratio: float) -> Allocation:
+    """The widest common kept fraction whose predicted latency meets ``target_ms`` (bisection on the fraction)."""
+
+    def widths_at(fraction: float) -> dict[str, int]:
+        out = {}
+        for g in groups:
+            floor = min(g.widths)
+            out[g.name] = int(min(g.channels, max(floor, round(g.channels * fraction / round_to) * round_to)))
+        return out
+
+    def predicted(widths: dict[str, int]) -> float:
+        return base_ms + sum(_interpolate(g.widths, g.ms, widths[g.name]) - g.ms[0] for g in groups)
+
+    narrowest = widths_at(min_ratio)
+    if predicted(narrowest) > target_ms:
+        raise Unreachable(target_ms, predicted(narrowest))
+    low, high = min_ratio, 1.0  # predicted(low) meets the target; find the largest fraction that still does
+    for _ in range(30):
+        middle = (low + high) / 2
+        if predicted(widths_at(middle)) <= target_ms:
+            low = middle
+        else:
+            high = middle
+    widths = widths_at(low)
+    lost = 0.0
+    for g in groups:
+        lost += float(np.sort(g.scores)[:g.channels - widths[g.name]].sum())
+    return Allocation(widths=widths, predicted_ms=predicted(widths), importance_lost=lost,
+                      moves=sum(1 for g in groups if widths[g.name] < g.channels))
+
+
+def _replace_module(model: "nn.Module", name: str, new: "nn.Module") -> "nn.Module":
+    """Put ``new`` where ``name`` is; returns what was there."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules[child]
+    parent._modules[child] = new
+    return old
+
+
+def sensitivity_costs(model: "nn.Module", groups: list[LocalGroup], pruned_blocks: dict[tuple[str, int], "nn.Module"],
+                      samples: tuple, progress) -> dict[str, list[float]]:
+    """Per group and candidate width: mean KL(unpruned || model with only that group cut) on ``samples``.
+
+    The loss that matters, measured rather than assumed from weight magnitudes: a channel of an early,
+    narrow block and one of a late, wide block may carry the same normalized magnitude and very different
+    weight in the output. Summing the groups' costs assumes their effects add up, as NetAdapt-style
+    per-layer tables do; the accuracy of the result is measured anyway after the stages that follow.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    def log_probs() -> "torch.Tensor":
+        with torch.no_grad():
+            out = model(*samples)
+        while isinstance(out, (tuple, list)):
+            out = out[0]
+        return F.log_softmax(out.reshape(len(samples[0]), -1).double(), dim=-1)
+
+    reference = log_probs()
+    costs: dict[str, list[float]] = {}
+    for index, g in enumerate(groups):
+        progress(f"sensitivity of {g.name} ({index + 1} of {len(groups)})")
+        values = [0.0]
+        for w in g.widths[1:]:
+            original = _replace_module(model, g.block, pruned_blocks[(g.name, w)])
+            try:
+                current = log_probs()
+            finally:
+                _replace_module(model, g.block, original)
+            kl = (reference.exp() * (reference - current)).sum(-1).mean()
+            values.append(max(0.0, float(kl)))
+        costs[g.name] = values
+    return costs
+
+
+class TableBuilder:
+    """Times blocks and whole models through the cache; the misses are timed together in one fresh process."""
+
+    def __init__(self, target: "Target", cache: "LatencyCache", where: str):
+        self.target = target
+        self.cache = cache
+        self.where = where
+        self.timed = 0
+        self.reused = 0
+
+    def times(self, items: list[tuple[str, "nn.Module", tuple]], progress) -> dict[str, float]:
+        """``items``: (label, module, args). Returns {label: p50 ms}."""
+        from optimizer.measure.latency_table import BlockToTime, entry_key, export_for_timing, measure_blocks
+        from optimizer.measure.latency_table import module_signature
+
+        result: dict[str, float] = {}
+        pending: list[tuple[str, str, dict]] = []
+        with tempfile.TemporaryDirectory(prefix="optimizer-blocks-") as scratch:
+            to_time: list[BlockToTime] = []
+            seen: dict[str, Path] = {}
+            for index, (label, module, args) in enumerate(items):
+                signature = module_signature(module, [tuple(a.shape) for a in args], [str(a.dtype) for a in args])
+                key = entry_key(signature, self.target)
+                entry = self.cache.get(key)
+                if entry is not None:
+                    result[label] = float(entry["p50_ms"])
+                    self.reused += 1
+                    continue
+                pending.append((label, key, {"signature_sha": key}))
+                if key in seen:
+                    continue
+                path = Path(scratch) / f"block{index}.onnx"
+                progress(f"exporting {label} for the latency table")
+                try:
+                    export_for_timing(module, args, path)
+                except Exception as exc:  # noqa: BLE001 - any exporter failure is this stage's one-line error
+                    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise StageError(f"{self.where}: could not export {label} to time it: {first[:200]}") from None
+                seen[key] = path
+                to_time.append(BlockToTime(key=key, onnx=path, label=label))
+            if to_time:
+                progress(f"timing {len(to_time)} blocks on {self.target.runtime} {self.target.precision} "
+                         f"({self.target.threads} thread(s), fresh process)")
+                timings = measure_blocks(to_time, self.target, where=self.where)
+                self.timed += len(to_time)
+                for key, entry in timings.items():
+                    self.cache.put(key, {**entry, "target": self.target.as_dict()})
+            for label, key, _ in pending:
+                entry = self.cache.get(key)
+                if entry is None:
+                    raise StageError(f"{self.where}: the latency-table worker returned no time for {label}")
+                result[label] = float(entry["p50_ms"])
+        return result
+
+
+def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: list["nn.Module"], importance,
+                           round_to: int, target_ms: float | None, speedup: float | None,
+                           settings: LatencySettings, runtime: str, precision: str, threads: int, where: str,
+                           progress, calibration: tuple | None = None) -> tuple["nn.Module", dict[str, Any]]:
+    """Prune ``model`` (a copy) to meet the latency target on the target runtime; returns it and the report."""
+    from optimizer.measure.latency_table import LatencyCache, Target
+
+    target = Target.here(runtime, precision, threads)  # type: ignore[arg-type]
+    cache = LatencyCache(Path(settings.cache_dir).expanduser() if settings.cache_dir else None)
+    builder = TableBuilder(target, cache, where)
+
+    progress("finding pruning groups")
+    groups, kept = discover_groups(tp, model, example, ignored, importance, round_to)
+    if not groups:
+        raise StageError(f"{where}: no pruning group lies inside one block, so latency allocation has nothing to "
+                         f"choose ({len(kept)} coupled group(s) keep their width); use a channel ratio instead")
+    inputs = capture_block_inputs(model, example, [g.block for g in groups])
+    modules = dict(model.named_modules())
+    for g in list(groups):
+        if not inputs.get(g.block):
+            kept.append({"group": g.name, "channels": g.channels, "reason": f"its block '{g.block}' takes keyword or "
+                         "non-tensor inputs, which the latency table cannot time on their own; its width stays"})
+            groups.remove(g)
+    if not groups:
+        raise StageError(f"{where}: no pruning group has a block that can be timed on its own")
+
+    items: list[tuple[str, Any, tuple]] = [("whole model (unpruned)", model, example)]
+    pruned_blocks: dict[tuple[str, int], Any] = {}
+    for g in groups:
+        g.widths = candidate_widths(g.channels, round_to, settings.min_width_ratio, settings.widths)
+        block = modules[g.block]
+        rel = g.name[len(g.block) + 1:]
+        for w in g.widths:
+            progress(f"cutting {g.block} to {w} channels")
+            pruned_blocks[(g.name, w)] = prune_block_copy(tp, block, inputs[g.block], rel, g.handler, g.scores, w)
+            items.append((f"{g.name}@{w}", pruned_blocks[(g.name, w)], inputs[g.block]))
+    table = builder.times(items, progress)
+    sensitivity = None
+    if settings.group_cost == "sensitivity":
+        if calibration is None:
+            raise StageError(f"{where}: latency.group_cost: sensitivity needs data.calibration")
+        sensitivity = sensitivity_costs(model, groups, pruned_blocks, calibration, progress)
+    base_ms = table["whole model (unpruned)"]
+    for g in groups:
+        g.ms = [table[f"{g.name}@{w}"] for w in g.widths]
+
+    goal = target_ms if target_ms is not None else base_ms / float(speedup)  # type: ignore[arg-type]
+    costs = []
+    for g in groups:
+        ordered = np.sort(g.scores)
+        loss = sensitivity[g.name] if sensitivity else [float(ordered[:g.channels - w].sum()) for w in g.widths]
+        costs.append(GroupCosts(name=g.name, widths=list(g.widths), ms=list(g.ms), loss=loss))
+    attempts: list[dict[str, Any]] = []
+    best: tuple[Any, dict[str, Any]] | None = None
+    solve_for = goal
+    for attempt in range(settings.corrections + 1):
+        try:
+            if settings.solver == "uniform":
+                allocation = allocate_uniform(groups, base_ms, solve_for, round_to, settings.min_width_ratio)
+            else:
+                allocation = allocate(costs, base_ms, solve_for)
+        except Unreachable as exc:
+            if attempt == 0:
+                raise RecipeError(
+                    f"{where}: the latency target {goal:.4g} ms is out of reach: with every group at its narrowest "
+                    f"candidate (min_width_ratio {settings.min_width_ratio}) the smallest reachable latency is "
+                    f"{exc.smallest_ms:.4g} ms on {runtime} {precision} (unpruned {base_ms:.4g} ms); raise the target "
+                    "or lower latency.min_width_ratio") from None
+            break
+        progress(f"pruning to the chosen widths (attempt {attempt + 1})")
+        pruned = prune_model_to_widths(tp, model, example, groups, allocation.widths)
+        measured = builder.times([(f"whole model (attempt {attempt + 1})", pruned, example)], progress)
+        measured_ms = next(iter(measured.values()))
+        miss = (measured_ms - allocation.predicted_ms) / allocation.predicted_ms
+        record = {"solve_for_ms": solve_for, "predicted_ms": allocation.predicted_ms, "measured_ms": measured_ms,
+                  "miss": miss, "importance_lost": allocation.importance_lost, "widths": allocation.widths}
+        attempts.append(record)
+        meets = measured_ms <= goal * (1 + settings.tolerance)
+        if best is None or (meets and (not best[1]["meets"] or record["importance_lost"] < best[1]["importance_lost"])) \
+                or (not meets and not best[1]["meets"] and measured_ms < best[1]["measured_ms"]):
+            best = (pruned, {**record, "meets": meets})
+        if abs(miss) <= settings.tolerance:
+            break
+        solve_for = solve_for * goal / measured_ms  # the runtime's own correction of the additive prediction
+    assert best is not None
+    pruned, chosen = best
+    report = {
+        "runtime": runtime, "precision": precision, "threads": threads, "solver": settings.solver,
+        "target_ms": goal, "requested": {"target_latency_ms": target_ms} if target_ms is not None else {"speedup": speedup},
+        "base_ms": base_ms, "predicted_ms": chosen["predicted_ms"], "measured_ms": chosen["measured_ms"],
+        "measured_speedup": base_ms / chosen["measured_ms"], "met": chosen["meets"],
+        "attempts": attempts,
+        "group_cost": settings.group_cost,
+        "table": {g.name: {"block": g.block, "widths": g.widths, "ms": g.ms, "chosen": chosen["widths"][g.name],
+                           "channels": g.channels, "cost": c.loss} for g, c in zip(groups, costs)},
+        "kept_groups": kept,
+        "cache": {"reused": builder.reused, "timed": builder.timed, "folder": str(cache.root)},
+        "environment": target.as_dict(),
+    }
+    return pruned, report

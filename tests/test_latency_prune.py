@@ -1,0 +1,179 @@
+"""Latency-allocated pruning: the solver on a toy network of known costs, the latency-table cache, the pass end
+to end on the trained Fashion-MNIST example, and its errors.
+
+Tests check behaviour (what was chosen, what was cached, what was reported), never wall-clock speed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from optimizer import run_recipe
+from optimizer.errors import RecipeError
+from optimizer.measure.latency_table import LatencyCache, Target
+from optimizer.passes.latency_allocation import GroupCosts, Unreachable, allocate, predict
+from optimizer.passes.prune_latency import TableBuilder, candidate_widths
+from optimizer.passes.prune_structured import PruneStructuredConfig
+from tests.conftest import quickstart_dict
+
+# ------------------------------------------------------------------------------------------ the solver
+
+
+def toy_groups() -> list[GroupCosts]:
+    """Three groups whose per-width costs are known exactly.
+
+    'cheap' saves a lot of time and carries little importance; 'precious' saves little and carries much;
+    'flat' costs the same at every width (a runtime that pads to its SIMD width), so pruning it buys nothing.
+    """
+    return [
+        GroupCosts("cheap", widths=[64, 48, 32, 16], ms=[4.0, 3.0, 2.0, 1.0], loss=[0.0, 1.0, 2.0, 3.0]),
+        GroupCosts("precious", widths=[64, 48, 32, 16], ms=[2.0, 1.6, 1.2, 0.8], loss=[0.0, 10.0, 20.0, 30.0]),
+        GroupCosts("flat", widths=[64, 48, 32, 16], ms=[1.0, 1.0, 1.0, 1.0], loss=[0.0, 0.5, 1.0, 1.5]),
+    ]
+
+
+def test_allocator_meets_the_target_on_known_costs() -> None:
+    groups = toy_groups()
+    base = 10.0  # the whole model: 7 ms in these blocks, 3 ms elsewhere
+    result = allocate(groups, base, 7.5)
+    assert result.predicted_ms <= 7.5
+    assert result.predicted_ms == pytest.approx(predict(groups, base, {
+        g.name: g.widths.index(result.widths[g.name]) for g in groups}))
+    # The cheap group goes first (1 importance per ms); the precious one is untouched; the flat one is never
+    # pruned, since that would lose importance for no time.
+    assert result.widths == {"cheap": 16, "precious": 64, "flat": 64}
+
+
+def test_allocator_reaches_deeper_targets_with_the_next_cheapest_group() -> None:
+    groups = toy_groups()
+    result = allocate(groups, 10.0, 6.6)
+    assert result.predicted_ms <= 6.6
+    assert result.widths["cheap"] == 16 and result.widths["precious"] < 64 and result.widths["flat"] == 64
+
+
+def test_allocator_prefers_a_fine_cut_to_an_overshooting_coarse_one() -> None:
+    # The coarse cut is cheaper per millisecond but saves far more than needed and loses more importance than
+    # the fine cut that alone meets the target: a greedy rule takes the coarse one, the exact solver does not.
+    groups = [GroupCosts("coarse", widths=[64, 32], ms=[5.0, 1.0], loss=[0.0, 3.0]),
+              GroupCosts("fine", widths=[64, 56], ms=[2.0, 1.5], loss=[0.0, 1.0])]
+    result = allocate(groups, 10.0, 9.6)
+    assert result.predicted_ms <= 9.6
+    assert result.widths == {"coarse": 64, "fine": 56} and result.importance_lost == 1.0
+
+
+def test_unreachable_target_names_the_smallest_latency() -> None:
+    with pytest.raises(Unreachable) as info:
+        allocate(toy_groups(), 10.0, 5.0)
+    assert info.value.smallest_ms == pytest.approx(10.0 - 3.0 - 1.2 - 0.0)
+
+
+def test_candidate_widths_are_multiples_of_round_to() -> None:
+    widths = candidate_widths(144, 8, 0.25, 6)
+    assert widths[0] == 144 and widths == sorted(widths, reverse=True)
+    assert all(w % 8 == 0 for w in widths) and min(widths) >= 36
+
+
+def test_latency_config_needs_one_time_target() -> None:
+    with pytest.raises(ValueError, match="exactly one target"):
+        PruneStructuredConfig(allocation="latency")
+    with pytest.raises(ValueError, match="exactly one target"):
+        PruneStructuredConfig(allocation="latency", speedup=1.5, ratio=0.3)
+    with pytest.raises(ValueError, match="needs allocation: latency"):
+        PruneStructuredConfig(ratio=0.3, speedup=1.5)
+
+
+# ------------------------------------------------------------------------------------------ the cache
+
+
+class Block(nn.Module):
+    """A MobileNetV2-like inverted residual body: expand 1x1, depthwise 3x3, project 1x1."""
+
+    def __init__(self, channels: int = 16, hidden: int = 64) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                                  nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                  nn.BatchNorm2d(hidden), nn.ReLU6(), nn.Conv2d(hidden, channels, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tmp_path: Path) -> None:
+    cache = LatencyCache(tmp_path / "tables")
+    block = Block().eval()
+    args = (torch.zeros(1, 16, 14, 14),)
+    target = Target.here("onnxruntime", "fp32", 1)
+    first = TableBuilder(target, cache, "test")
+    times = first.times([("block", block, args)], lambda *a: None)
+    assert first.timed == 1 and first.reused == 0 and times["block"] > 0
+
+    again = TableBuilder(target, cache, "test")
+    assert again.times([("block", block, args)], lambda *a: None) == times
+    assert again.timed == 0 and again.reused == 1
+
+    # A block of another width is another entry.
+    narrower = TableBuilder(target, cache, "test")
+    narrower.times([("block", Block(hidden=32).eval(), args)], lambda *a: None)
+    assert narrower.timed == 1
+
+    for changed in (dataclasses.replace(target, precision="int8"),
+                    dataclasses.replace(target, runtime="openvino"),
+                    dataclasses.replace(target, cpu=target.cpu + " (another CPU)")):
+        other = TableBuilder(changed, cache, "test")
+        other.times([("block", block, args)], lambda *a: None)
+        assert other.timed == 1 and other.reused == 0, changed
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _latency_recipe(checkpoint: Path, prune_with: dict) -> dict:
+    recipe = quickstart_dict(checkpoint, eval_samples=1000)
+    recipe["budget"] = {}
+    recipe["stages"] = [
+        {"name": "prune", "pass": "prune.structured", "intermediate": True,
+         "with": {"allocation": "latency", "round_to": 4, **prune_with}},
+        {"name": "bn", "pass": "recover.batchnorm", "with": {"batches": 8, "batch_size": 64}, "intermediate": True},
+        {"name": "export", "pass": "export.onnx", "with": {"verify_samples": 64}, "intermediate": True},
+    ]
+    return recipe
+
+
+def test_example_pruned_to_a_measured_speedup(example_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = _latency_recipe(example_checkpoint, {"speedup": 1.3, "latency": {"runtime": "onnxruntime",
+                                                                             "precision": "fp32", "widths": 4}})
+    report = run_recipe(recipe, out=tmp_path / "o")
+    prune = report.stage("prune")
+    assert prune["status"] == "ok" and report.stage("export")["status"] == "ok"
+    latency = prune["details"]["pruning"]["latency"]
+    assert latency["runtime"] == "onnxruntime" and latency["precision"] == "fp32"
+    assert latency["target_ms"] == pytest.approx(latency["base_ms"] / 1.3)
+    assert latency["predicted_ms"] > 0 and latency["measured_ms"] > 0 and latency["attempts"]
+    # Every allocated group is one of the example's residual blocks, at one of its timed widths (multiples of 4).
+    assert latency["table"], latency
+    for name, entry in latency["table"].items():
+        assert entry["chosen"] in entry["widths"] and entry["chosen"] % 4 == 0, (name, entry)
+        assert len(entry["ms"]) == len(entry["widths"])
+    # Groups that couple several blocks are listed with their reason, never silently skipped.
+    assert latency["kept_groups"] and all(k["reason"] for k in latency["kept_groups"])
+    assert prune["macs"] < report.stage("baseline")["macs"]
+    # Re-running with the same cache folder times nothing new: the table and both whole-model figures are reused.
+    again = run_recipe(recipe, out=tmp_path / "o2")
+    reused = again.stage("prune")["details"]["pruning"]["latency"]["cache"]
+    assert reused["timed"] == 0 and reused["reused"] > 0
+
+
+def test_unreachable_latency_target_is_exit_2_naming_the_smallest(example_checkpoint: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = _latency_recipe(example_checkpoint, {"target_latency_ms": 0.0001,
+                                                  "latency": {"runtime": "onnxruntime", "precision": "fp32",
+                                                              "widths": 3}})
+    with pytest.raises(RecipeError, match=r"smallest reachable latency is [0-9.]+ ms") as info:
+        run_recipe(recipe, out=tmp_path / "o")
+    assert info.value.exit_code == 2
