@@ -102,7 +102,8 @@ class Block(nn.Module):
         return x + self.body(x)
 
 
-def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tmp_path: Path) -> None:
+def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(TableBuilder, "BUSY", float("inf"))  # store whatever the load of the test machine
     cache = LatencyCache(tmp_path / "tables")
     block = Block().eval()
     args = (torch.zeros(1, 16, 14, 14),)
@@ -127,6 +128,23 @@ def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tm
         other.times([("block", block, args)], lambda *a: None)
         assert other.timed == 1 and other.reused == 0, changed
 
+    # Whole models are never read from the cache: a speedup is always two figures timed side by side.
+    whole = TableBuilder(target, cache, "test")
+    whole.times([("block", block, args)], lambda *a: None, fresh=frozenset({"block"}))
+    assert whole.timed == 1 and whole.reused == 0
+
+
+def test_figures_timed_on_a_busy_machine_are_not_cached(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(TableBuilder, "BUSY", -1.0)  # any load counts as busy
+    cache = LatencyCache(tmp_path / "tables")
+    target = Target.here("onnxruntime", "fp32", 1)
+    first = TableBuilder(target, cache, "test")
+    first.times([("block", Block().eval(), (torch.zeros(1, 16, 14, 14),))], lambda *a: None)
+    assert first.timed == 1 and first.not_stored == 1
+    again = TableBuilder(target, cache, "test")
+    again.times([("block", Block().eval(), (torch.zeros(1, 16, 14, 14),))], lambda *a: None)
+    assert again.timed == 1 and again.reused == 0
+
 
 # ------------------------------------------------------------------------------------------ end to end
 
@@ -145,6 +163,7 @@ def _latency_recipe(checkpoint: Path, prune_with: dict) -> dict:
 
 def test_example_pruned_to_a_measured_speedup(example_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("OPTIMIZER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(TableBuilder, "BUSY", float("inf"))
     recipe = _latency_recipe(example_checkpoint, {"speedup": 1.3, "latency": {"runtime": "onnxruntime",
                                                                              "precision": "fp32", "widths": 4}})
     report = run_recipe(recipe, out=tmp_path / "o")
@@ -154,6 +173,9 @@ def test_example_pruned_to_a_measured_speedup(example_checkpoint: Path, tmp_path
     assert latency["runtime"] == "onnxruntime" and latency["precision"] == "fp32"
     assert latency["target_ms"] == pytest.approx(latency["base_ms"] / 1.3)
     assert latency["predicted_ms"] > 0 and latency["measured_ms"] > 0 and latency["attempts"]
+    # The check timed the pruned and the unpruned model side by side; the speedup is their ratio.
+    first = latency["attempts"][0]
+    assert first["speedup"] == pytest.approx(first["unpruned_raw_ms"] / first["measured_raw_ms"])
     # Every allocated group is one of the example's residual blocks, at one of its timed widths (multiples of 4).
     assert latency["table"], latency
     for name, entry in latency["table"].items():
@@ -162,10 +184,12 @@ def test_example_pruned_to_a_measured_speedup(example_checkpoint: Path, tmp_path
     # Groups that couple several blocks are listed with their reason, never silently skipped.
     assert latency["kept_groups"] and all(k["reason"] for k in latency["kept_groups"])
     assert prune["macs"] < report.stage("baseline")["macs"]
-    # Re-running with the same cache folder times nothing new: the table and both whole-model figures are reused.
+    # Re-running with the same cache folder reuses every block of the table; only whole models are timed again.
     again = run_recipe(recipe, out=tmp_path / "o2")
-    reused = again.stage("prune")["details"]["pruning"]["latency"]["cache"]
-    assert reused["timed"] == 0 and reused["reused"] > 0
+    second = again.stage("prune")["details"]["pruning"]["latency"]
+    blocks = sum(len(entry["widths"]) for entry in latency["table"].values())
+    assert second["cache"]["reused"] == blocks
+    assert second["cache"]["timed"] == 1 + 2 * len(second["attempts"])
 
 
 def test_unreachable_latency_target_is_exit_2_naming_the_smallest(example_checkpoint: Path, tmp_path: Path,
