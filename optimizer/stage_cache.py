@@ -6,7 +6,8 @@ message), never used. The key hashes:
 
 - the stage's input (the previous artifact's id, or the checkpoint's sha256 for the baseline) and the
   artifacts of any stage it references (a distillation teacher),
-- the stage name, the pass name, version, configuration, and the sha256 of the pass's source file,
+- the stage name, the pass name, version, configuration, the sha256 of the pass's source file and one over
+  every Python file of this package (the helpers a pass calls live outside its file),
 - the data specs (with size and modification time of the files behind them), the seed and the
   ``evaluate`` settings, because the measurements are cached too,
 - library versions (from package metadata: no heavy import) and the hardware (CPU model and flags).
@@ -314,6 +315,22 @@ def baseline_key_parts(loaded: "LoadedRecipe", common: dict[str, Any]) -> dict[s
     }
 
 
+_TOOLKIT_DIGEST: str | None = None
+
+
+def toolkit_digest() -> str:
+    """sha256 over every Python file of this package: a pass calls into helpers beyond its own file (the
+    training loop, the latency tables, the measurement code), and a change to any of them must re-run it."""
+    global _TOOLKIT_DIGEST
+    if _TOOLKIT_DIGEST is None:
+        root = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _TOOLKIT_DIGEST = h.hexdigest()
+    return _TOOLKIT_DIGEST
+
+
 def stage_key_parts(stage_name: str, pass_cls: type, config: dict[str, Any], input_artifact: Artifact,
                     references: dict[str, Artifact], common: dict[str, Any]) -> dict[str, Any]:
     return {
@@ -323,6 +340,7 @@ def stage_key_parts(stage_name: str, pass_cls: type, config: dict[str, Any], inp
         "pass": pass_cls.name,
         "pass_version": getattr(pass_cls, "version", None),
         "pass_code": source_digest(pass_cls),
+        "toolkit_code": toolkit_digest(),
         "config": config,
         **common,
     }

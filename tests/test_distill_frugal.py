@@ -185,7 +185,7 @@ def test_max_minutes_stops_early_and_keeps_the_best_selection_state(arrays, teac
     model.requires_grad_(True)  # train() froze the teacher's parameters when other tests distilled from it
     before = state(model)
     result = run(model, arrays, steps=40, eval_every=20, optimizer="sgd", lr=50.0, schedule="constant",
-                 warmup_fraction=0.0, max_minutes=0.001)
+                 warmup_fraction=0.0, max_minutes=1e-7)
     assert result.budget_stopped and result.budget_stop_step == result.steps == 1
     assert not result.stopped_early  # that flag is patience's
     history = result.history
@@ -246,7 +246,7 @@ def test_the_pass_records_cache_trained_parameters_and_budget(pass_context, proc
 
     make, damaged = pass_context
     ctx = make()
-    result = run_pass("distill.kd", {**FRUGAL, "steps": 30, "eval_every": 15, "max_minutes": 0.001,
+    result = run_pass("distill.kd", {**FRUGAL, "steps": 30, "eval_every": 15, "max_minutes": 1e-7,
                                      "processes": processes}, ctx, damaged)
     training = ctx.details["training"]
     assert training["world_size"] == processes

@@ -622,8 +622,13 @@ def test_cache_key_changes_with_everything_a_stage_depends_on(linear_checkpoint:
         version = "2"
 
     assert key(pass_cls=NewerExport) != base
+    # A change to any module of the toolkit (the training loop, the latency tables...) re-runs the stage too.
+    monkeypatch.setattr(stage_cache, "_TOOLKIT_DIGEST", "another revision of the package")
+    assert key() != base
+    monkeypatch.undo()
+    assert key() == base
     for section, value in (("libraries", {**common["libraries"], "onnxruntime": "0.0.1"}),
-                           ("hardware", {**common["hardware"], "cpu_flags": ["avx2"]}),
+                           ("hardware", {**common["hardware"], "cpu_flags": ["avx2", "a-flag-no-cpu-has"]}),
                            ("evaluate", {**common["evaluate"], "latency": {"threads": 4}}),
                            ("data", {**common["data"], "eval": {"spec": {"samples": 10}}}),
                            ("seed", 1)):
