@@ -2,19 +2,20 @@
 
     python benchmarks/latency_prune.py [--speedup 1.6] [--trials 3] [--threads 1] [--out runs/bench_latency_prune]
                                        [--variants nncf-ov,latency,...] [--recipe-eval 1000] [--test-images 10000]
+                                       [--cache DIR]
 
 Every variant is built by ``run_recipe`` from ``recipes/mobilenet_latency_prune_openvino.yaml`` with its stages
 replaced (a shared stage cache builds the baseline and the common prefixes once), and every final artifact is
 an OpenVINO INT8 model:
 
-  nncf-ov            unpruned: export, OpenVINO IR, NNCF INT8 on the IR (OpenVINO's documented order, by hand)
-  latency            prune.structured allocation: latency, no recovery
-  latency+bn         ... then recover.batchnorm
-  latency+rec        ... then recover.reconstruct (least squares, no gradient step)
-  latency+rec+bn     ... reconstruct, then batchnorm: the recipe
-  latency+rec+bn+kd  ... then distill.kd, frugal (teacher outputs cached, last blocks only, minutes budget)
-  uniform+rec+bn     the same latency target met by one kept fraction in every block (solver: uniform),
-                     with the recipe's recovery: MAC-uniform pruning at the same measured latency
+  nncf-ov          unpruned: export, OpenVINO IR, NNCF INT8 on the IR (OpenVINO's documented order, by hand)
+  latency          prune.structured allocation: latency, no recovery
+  latency+rec      ... then recover.reconstruct (least squares, no gradient step)
+  latency+rec+bn   ... reconstruct, then recover.batchnorm
+  latency+rec+kd   ... reconstruct, then distill.kd, frugal (teacher logits cached, last blocks only, minutes
+                   budget): the recipe
+  uniform+rec+kd   the same latency target met by one kept fraction in every block (latency.solver: uniform),
+                   with the recipe's recovery: MAC-uniform pruning at the same measured latency
 
 Then, for every final artifact:
 * top-1 on all ``--test-images`` Fashion-MNIST test images (streamed through the recipe's preprocessing in
@@ -44,18 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RECIPE = REPO / "recipes" / "mobilenet_latency_prune_openvino.yaml"
 
-KD = {"teacher": "@baseline", "epochs": 1, "cache_teacher": True, "max_minutes": 4.0,
-      "train_only": [r"^features\.1[6-8]\.", r"^classifier\."], "temperature": 2.0, "alpha": 0.7,
-      "lr": 0.0005, "batch_size": 64, "eval_samples": 300}
-
 VARIANTS: dict[str, list[str]] = {
     "nncf-ov": ["export", "ir_fp32", "int8_ir"],
     "latency": ["prune", "export", "int8", "openvino"],
-    "latency+bn": ["prune", "batchnorm", "export", "int8", "openvino"],
     "latency+rec": ["prune", "reconstruct", "export", "int8", "openvino"],
     "latency+rec+bn": ["prune", "reconstruct", "batchnorm", "export", "int8", "openvino"],
-    "latency+rec+bn+kd": ["prune", "reconstruct", "batchnorm", "kd", "export", "int8", "openvino"],
-    "uniform+rec+bn": ["prune_uniform", "reconstruct", "batchnorm", "export", "int8", "openvino"],
+    "latency+rec+kd": ["prune", "reconstruct", "distill", "export", "int8", "openvino"],
+    "uniform+rec+kd": ["prune_uniform", "reconstruct", "distill", "export", "int8", "openvino"],
 }
 LATENCY_SAMPLES = 16
 
@@ -67,7 +63,8 @@ def stage_table(recipe: dict[str, Any]) -> dict[str, dict[str, Any]]:
     uniform["name"] = "prune_uniform"
     uniform["with"].setdefault("latency", {})["solver"] = "uniform"
     stages["prune_uniform"] = uniform
-    stages["kd"] = {"name": "kd", "pass": "distill.kd", "with": dict(KD)}
+    stages["batchnorm"] = {"name": "batchnorm", "pass": "recover.batchnorm",
+                           "with": {"split": "calibration", "batches": 16, "batch_size": 32}}
     stages["ir_fp32"] = {"name": "ir_fp32", "pass": "compile.openvino",
                          "with": {"precision_hint": "f32", "performance_hint": "latency"}}
     stages["int8_ir"] = {"name": "int8_ir", "pass": "quantize.nncf",
@@ -132,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                              "scored on --test-images")
     parser.add_argument("--test-images", type=int, default=10000)
     parser.add_argument("--score-threads", type=int, default=2, help="threads for the 10,000-image scoring")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="stage cache folder to share with earlier runs (default: OUT/stage-cache)")
     args = parser.parse_args(argv)
 
     from optimizer import Artifact, run_recipe
@@ -159,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = stage_table(base)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cache = out / "stage-cache"
+    cache = args.cache or out / "stage-cache"
     env_line = describe(fingerprint(args.threads))
     print(f"Environment: {env_line}", flush=True)
 
