@@ -201,3 +201,16 @@ def test_unreachable_latency_target_is_exit_2_naming_the_smallest(example_checkp
     with pytest.raises(RecipeError, match=r"smallest reachable latency is [0-9.]+ ms") as info:
         run_recipe(recipe, out=tmp_path / "o")
     assert info.value.exit_code == 2
+
+
+def test_report_renders_a_uniform_width_between_the_timed_ones() -> None:
+    """The uniform solver may choose a width that was not timed; the Markdown table interpolates its block time."""
+    from optimizer.report.markdown import _latency_allocation
+
+    table = {"features.2.conv.1.0": {"block": "features.2.conv", "channels": 96, "widths": [96, 80, 64],
+                                     "ms": [1.0, 0.8, 0.6], "chosen": 72, "cost": [0, 1, 2]}}
+    report = {"stages": [{"name": "prune", "details": {"pruning": {"macs_ratio": 1.3, "latency": {
+        "runtime": "openvino", "precision": "int8", "threads": 1, "base_ms": 5.0, "target_ms": 4.0,
+        "predicted_ms": 3.9, "measured_ms": 3.95, "measured_speedup": 1.27, "table": table, "kept_groups": []}}}}]}
+    text = "\n".join(_latency_allocation(report))
+    assert "| features.2.conv.1.0 | features.2.conv | 96 | 72 | 1.0000 | 0.7000 |" in text
