@@ -90,7 +90,7 @@ def variant_recipe(base: dict[str, Any], stages: dict[str, dict[str, Any]], vari
     return recipe
 
 
-def score_on_test_images(artifact: Any, count: int, threads: int, log) -> dict[str, Any]:
+def score_on_test_images(artifact: Any, count: int, threads: int) -> dict[str, Any]:
     """Top-1 over the first ``count`` test images, preprocessed in chunks (never all in memory at once)."""
     from optimizer.data.idx import load_fashion_mnist
     from optimizer.examples.mobilenet_fashion import DEFAULT_FASHION_ROOT, preprocess
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     # Accuracy on the full test split: the unpruned FP32 model first (its ONNX export), then every final artifact.
     reference = built[names[0]]["export"]
     print(f"scoring the FP32 baseline and {len(names)} variants on {args.test_images} test images", flush=True)
-    baseline = score_on_test_images(reference, args.test_images, args.score_threads, print)
-    scores = {name: score_on_test_images(built[name]["artifact"], args.test_images, args.score_threads, print)
+    baseline = score_on_test_images(reference, args.test_images, args.score_threads)
+    scores = {name: score_on_test_images(built[name]["artifact"], args.test_images, args.score_threads)
               for name in names}
 
     # Latency: fresh process per variant and trial, rotating order.

@@ -176,6 +176,9 @@ def test_example_pruned_to_a_measured_speedup(example_checkpoint: Path, tmp_path
     # The check timed the pruned and the unpruned model side by side; the speedup is their ratio.
     first = latency["attempts"][0]
     assert first["speedup"] == pytest.approx(first["unpruned_raw_ms"] / first["measured_raw_ms"])
+    # The solver met the target on its prediction (full widths everywhere would predict the unpruned time).
+    assert first["predicted_ms"] <= first["solve_for_ms"] < latency["base_ms"]
+    assert any(entry["chosen"] < entry["channels"] for entry in latency["table"].values())
     # Every allocated group is one of the example's residual blocks, at one of its timed widths (multiples of 4).
     assert latency["table"], latency
     for name, entry in latency["table"].items():
@@ -214,3 +217,40 @@ def test_report_renders_a_uniform_width_between_the_timed_ones() -> None:
         "predicted_ms": 3.9, "measured_ms": 3.95, "measured_speedup": 1.27, "table": table, "kept_groups": []}}}}]}
     text = "\n".join(_latency_allocation(report))
     assert "| features.2.conv.1.0 | features.2.conv | 96 | 72 | 1.0000 | 0.7000 |" in text
+
+
+def test_uniform_solver_keeps_one_fraction_everywhere() -> None:
+    import numpy as np
+
+    from optimizer.passes.prune_latency import LocalGroup, allocate_uniform
+
+    groups = [LocalGroup(name=f"g{i}", block=f"b{i}", channels=c, scores=np.ones(c), handler=None,
+                         widths=[c, c // 2, c // 4], ms=[ms, ms / 2, ms / 4])
+              for i, (c, ms) in enumerate([(64, 2.0), (128, 1.0)])]
+    result = allocate_uniform(groups, base_ms=5.0, target_ms=4.0, round_to=8, min_ratio=0.25)
+    assert result.predicted_ms <= 4.0
+    fractions = {name: width / g.channels for g in groups for name, width in result.widths.items() if name == g.name}
+    assert max(fractions.values()) - min(fractions.values()) <= 8 / 64  # the same fraction, up to round_to
+    assert all(f < 1 for f in fractions.values())
+
+
+def test_sensitivity_cost_is_zero_for_a_harmless_cut_and_positive_for_a_harmful_one() -> None:
+    """group_cost: sensitivity measures the output change of each cut on real inputs, rather than assuming it."""
+    import copy
+
+    import numpy as np
+
+    from optimizer.passes.prune_latency import LocalGroup, sensitivity_costs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(16 * 14 * 14, 10)).eval()
+    group = LocalGroup(name="0.body.0", block="0", channels=64, scores=np.ones(64), handler=None, widths=[64, 32, 16])
+    harmless = copy.deepcopy(model[0])  # an identical block: no change at all
+    harmful = copy.deepcopy(model[0])
+    with torch.no_grad():
+        harmful.body[-1].weight.mul_(-3.0)
+    costs = sensitivity_costs(model, [group], {("0.body.0", 32): harmless, ("0.body.0", 16): harmful},
+                              (torch.randn(8, 16, 14, 14),), lambda *a: None)
+    assert costs["0.body.0"][0] == 0.0 and costs["0.body.0"][1] == pytest.approx(0.0, abs=1e-9)
+    assert costs["0.body.0"][2] > 1e-3
+    assert model[0] is not harmless and model[0] is not harmful  # the model is restored after each cut

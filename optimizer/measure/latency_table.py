@@ -78,8 +78,6 @@ class LatencyCache:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else cache_root()
-        self.hits = 0
-        self.misses = 0
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.json"
@@ -89,12 +87,9 @@ class LatencyCache:
         try:
             entry = json.loads(path.read_text())
         except (OSError, ValueError):
-            self.misses += 1
             return None
         if not isinstance(entry, dict) or not isinstance(entry.get("p50_ms"), (int, float)):
-            self.misses += 1
             return None
-        self.hits += 1
         return entry
 
     def put(self, key: str, entry: dict[str, Any]) -> None:
@@ -123,8 +118,8 @@ class BlockToTime:
 
 
 def export_for_timing(module: Any, args: tuple, path: Path) -> None:
-    """ONNX for timing only: the TorchScript exporter, which is several times quicker than dynamo on many small
-    blocks; both give the same operator graph for convolution and linear blocks. Inputs are named in0, in1..."""
+    """ONNX for timing only, with the TorchScript exporter (opset 17): a block needs no torch.export program,
+    only its operators. Inputs are named in0, in1..."""
     import warnings
 
     import torch

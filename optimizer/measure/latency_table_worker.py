@@ -121,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(args[0]).read_text())
     result_path = Path(request["result"])
-    target = request["target"]
-    try:
-        import torch  # noqa: F401  (loaded first so that its OpenMP settles before the runtimes')
-
-        torch.set_num_threads(int(target["threads"]))
-    except ImportError:
-        pass
+    target = request["target"]  # threads: the runtimes take them explicitly, OpenMP from OMP_NUM_THREADS
     label = None
     try:
         with tempfile.TemporaryDirectory(prefix="optimizer-table-int8-") as scratch:

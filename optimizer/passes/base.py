@@ -106,6 +106,31 @@ class Pass(ABC):
         )
 
 
+def earlier_torch_artifact(ctx: PassContext, reference: str, role: str, hint: str) -> Artifact:
+    """The torch artifact of stage ``reference`` ('baseline' or an earlier stage), for a pass that reads one
+    (a distillation teacher, a reconstruction reference). ``role`` names it in errors; ``hint`` says what to do
+    when it is not a torch artifact."""
+    from optimizer.errors import RecipeError
+
+    if reference not in ctx.artifacts:
+        stages = [s.name for s in ctx.recipe.recipe.stages]
+        if reference == ctx.stage:
+            why = "it is this stage itself"
+        elif reference in stages:
+            why = "that stage runs after this one"
+        else:
+            from optimizer.recipe import suggest
+
+            why = f"there is no such stage{suggest(reference, ['baseline', *stages])}"
+        earlier = ", ".join(f"@{name}" for name in ctx.artifacts) or "@baseline"
+        raise RecipeError(f"stage '{ctx.stage}': {role} '@{reference}' must name 'baseline' or an earlier "
+                          f"stage ({why}); available here: {earlier}")
+    artifact = ctx.artifacts[reference]
+    if artifact.form != "torch":
+        raise RecipeError(f"stage '{ctx.stage}': {role} '@{reference}' is a {artifact.form} artifact; {hint}")
+    return artifact
+
+
 def check_pass_class(cls: type[Pass]) -> None:
     """Raise TypeError when a Pass subclass breaks the static rules of the contract."""
     problems = []

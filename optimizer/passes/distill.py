@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from optimizer.artifact import Artifact
 from optimizer.errors import RecipeError, StageError, error_from_exit_code
-from optimizer.passes.base import DataNeed, Pass, PassContext
+from optimizer.passes.base import DataNeed, Pass, PassContext, earlier_torch_artifact
 from optimizer.training import FeaturePair, KDSettings, TrainingConfig
 
 STATE_DICT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt"}
@@ -120,23 +120,8 @@ def resolve_teacher(teacher: str | TeacherSpec, ctx: PassContext, scratch: Path)
     """A JSON-able description of the teacher that any process can load (files already checked)."""
     reference = teacher_reference(teacher)
     if reference is not None:
-        if reference not in ctx.artifacts:
-            stages = [s.name for s in ctx.recipe.recipe.stages]
-            if reference == ctx.stage:
-                why = "it is this stage itself"
-            elif reference in stages:
-                why = "that stage runs after this one"
-            else:
-                from optimizer.recipe import suggest
-
-                why = f"there is no such stage{suggest(reference, ['baseline', *stages])}"
-            earlier = ", ".join(f"@{name}" for name in ctx.artifacts) or "@baseline"
-            raise RecipeError(f"stage '{ctx.stage}': teacher '@{reference}' must name 'baseline' or an earlier "
-                              f"stage ({why}); available here: {earlier}")
-        artifact = ctx.artifacts[reference]
-        if artifact.form != "torch":
-            raise RecipeError(f"stage '{ctx.stage}': teacher '@{reference}' is a {artifact.form} artifact; "
-                              "a teacher must be a torch artifact (distil before exporting)")
+        artifact = earlier_torch_artifact(ctx, reference, "teacher",
+                                          "a teacher must be a torch artifact (distil before exporting)")
         return {"kind": "artifact", "path": str(artifact.path), "describe": f"@{reference}"}
 
     model = ctx.recipe.recipe.model

@@ -8,7 +8,7 @@ unpruned model's measured latency plus, per group, what its block gains at the c
 
 Choosing one candidate per group to lose the least importance within a time budget is a multiple-choice
 knapsack; with tens of groups and a few candidates each, dynamic programming over the budget solves it
-exactly in well under a second. A greedy rule (cheapest importance per millisecond first) was the first
+exactly (work: groups × candidates × bins array steps). A greedy rule (cheapest importance per millisecond first) was the first
 version and it can keep a coarse cut that a finer one elsewhere would have avoided; the program cannot.
 Measured times need not fall with the width (a runtime may pad to its SIMD width), and the program does not
 assume they do.
@@ -50,6 +50,15 @@ class Unreachable(ValueError):
         super().__init__(f"target {target_ms:.4g} ms is below the smallest reachable prediction {smallest_ms:.4g} ms")
         self.target_ms = target_ms
         self.smallest_ms = smallest_ms
+
+
+def ms_at_width(widths: list[int], ms: list[float], width: float) -> float:
+    """A block's time at ``width``: measured where it was timed, linearly interpolated between timed widths
+    (the uniform solver chooses widths between them)."""
+    import numpy as np
+
+    order = np.argsort(widths)
+    return float(np.interp(width, np.asarray(widths, dtype=float)[order], np.asarray(ms, dtype=float)[order]))
 
 
 def predict(groups: list[GroupCosts], base_ms: float, choice: dict[str, int]) -> float:

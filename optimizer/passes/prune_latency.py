@@ -31,7 +31,7 @@ from pydantic import Field
 
 from optimizer.errors import RecipeError, StageError
 from optimizer.passes.base import PassConfig
-from optimizer.passes.latency_allocation import Allocation, GroupCosts, Unreachable, allocate
+from optimizer.passes.latency_allocation import Allocation, GroupCosts, Unreachable, allocate, ms_at_width
 
 if TYPE_CHECKING:
     import torch
@@ -217,11 +217,6 @@ def prune_model_to_widths(tp, model: "nn.Module", example: tuple, groups: list[L
     return work.eval()
 
 
-def _interpolate(widths: list[int], values: list[float], width: float) -> float:
-    order = np.argsort(widths)
-    return float(np.interp(width, np.asarray(widths, dtype=float)[order], np.asarray(values, dtype=float)[order]))
-
-
 def allocate_uniform(groups: list[LocalGroup], base_ms: float, target_ms: float, round_to: int,
                      min_ratio: float) -> Allocation:
     """The widest common kept fraction whose predicted latency meets ``target_ms`` (bisection on the fraction)."""
@@ -234,7 +229,7 @@ def allocate_uniform(groups: list[LocalGroup], base_ms: float, target_ms: float,
         return out
 
     def predicted(widths: dict[str, int]) -> float:
-        return base_ms + sum(_interpolate(g.widths, g.ms, widths[g.name]) - g.ms[0] for g in groups)
+        return base_ms + sum(ms_at_width(g.widths, g.ms, widths[g.name]) - g.ms[0] for g in groups)
 
     narrowest = widths_at(min_ratio)
     if predicted(narrowest) > target_ms:
@@ -275,11 +270,11 @@ def sensitivity_costs(model: "nn.Module", groups: list[LocalGroup], pruned_block
     import torch
     import torch.nn.functional as F
 
+    from optimizer.passes.prune_structured import first_output  # that module imports this one
+
     def log_probs() -> "torch.Tensor":
         with torch.no_grad():
-            out = model(*samples)
-        while isinstance(out, (tuple, list)):
-            out = out[0]
+            out = first_output(model(*samples))
         return F.log_softmax(out.reshape(len(samples[0]), -1).double(), dim=-1)
 
     reference = log_probs()
@@ -408,7 +403,8 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
     if not groups:
         raise StageError(f"{where}: no pruning group has a block that can be timed on its own")
 
-    items: list[tuple[str, Any, tuple]] = [("whole model (unpruned)", model, example)]
+    base_label = "whole model (unpruned)"
+    items: list[tuple[str, Any, tuple]] = [(base_label, model, example)]
     pruned_blocks: dict[tuple[str, int], Any] = {}
     for g in groups:
         g.widths = candidate_widths(g.channels, round_to, settings.min_width_ratio, settings.widths)
@@ -418,7 +414,6 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
             progress(f"cutting {g.block} to {w} channels")
             pruned_blocks[(g.name, w)] = prune_block_copy(tp, block, inputs[g.block], rel, g.handler, g.scores, w)
             items.append((f"{g.name}@{w}", pruned_blocks[(g.name, w)], inputs[g.block]))
-    base_label = "whole model (unpruned)"
     table = builder.times(items, progress, fresh=frozenset({base_label}))
     base_ms = table[base_label]
     for g in groups:
@@ -429,8 +424,8 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
             raise StageError(f"{where}: latency.group_cost: sensitivity needs data.calibration")
         sensitivity = sensitivity_costs(model, groups, pruned_blocks, calibration, progress)
 
-    # The goal as a fraction of the unpruned model's time, so that a check timed in another process (minutes
-    # later, under another load) compares like with like: both whole models are timed side by side there.
+    # The goal is on the table's scale. A check runs in another process, minutes later and perhaps under another
+    # load, so it times the unpruned model again beside the pruned one and rescales to the table's conditions.
     goal = target_ms if target_ms is not None else base_ms / float(speedup)  # type: ignore[arg-type]
     costs = []
     for g in groups:

@@ -158,11 +158,12 @@ class PruneStructuredConfig(PassConfig):
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _first_output(out: Any) -> "torch.Tensor":
+def first_output(out: Any) -> "torch.Tensor":
+    """The first tensor of a model's output (a tuple, list or dict of outputs holds it first)."""
     if isinstance(out, (tuple, list)):
-        return _first_output(out[0])
+        return first_output(out[0])
     if isinstance(out, dict):
-        return _first_output(next(iter(out.values())))
+        return first_output(next(iter(out.values())))
     return out
 
 
@@ -170,7 +171,7 @@ def _forward(module: "nn.Module", inputs: tuple) -> "torch.Tensor":
     import torch
 
     with torch.no_grad():
-        return _first_output(module(*inputs))
+        return first_output(module(*inputs))
 
 
 def find_head(model: "nn.Module", output: "torch.Tensor") -> str | None:
@@ -304,7 +305,7 @@ class PruneStructured(Pass):
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             for inputs, labels in batches:
-                logits = _first_output(model(*inputs))
+                logits = first_output(model(*inputs))
                 loss = F.cross_entropy(logits.reshape(len(labels), -1), labels)
                 loss.backward()
 

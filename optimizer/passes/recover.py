@@ -6,7 +6,7 @@ Structured pruning removes channels, and two things break that need no gradient 
   activations it saw in training. After pruning (or quantization, or any change upstream) the
   activations it receives are different, so it shifts and scales them wrongly, and the error compounds
   through the network. ``recover.batchnorm`` measures the statistics again on a few batches of real data.
-  This is the cheapest repair there is: forward passes only, seconds on a CPU.
+  This is the cheapest repair there is: forward passes only, no gradient.
 
 * **What a layer's consumer receives.** A layer that reads pruned channels (the 1x1 convolution or the
   Linear after them) still has the weights it learned for the full input. Its output is linear in its
@@ -23,6 +23,7 @@ distillation after them when the budget allows.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,8 +31,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from optimizer.artifact import Artifact
-from optimizer.errors import RecipeError, StageError
-from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext
+from optimizer.errors import StageError
+from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext, earlier_torch_artifact
+from optimizer.passes.prune_structured import first_output
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,14 +68,6 @@ def _batch_bounds(count: int, batch_size: int) -> list[tuple[int, int]]:
     if len(starts) > 1 and count - starts[-1] == 1:
         starts.pop()
     return [(start, starts[i + 1] if i + 1 < len(starts) else count) for i, start in enumerate(starts)]
-
-
-def _first_tensor(out: Any) -> "torch.Tensor":
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    if isinstance(out, dict):
-        return _first_tensor(next(iter(out.values())))
-    return out
 
 
 def _save(pass_: Pass, artifact: Artifact, ctx: PassContext, module: "nn.Module") -> Artifact:
@@ -331,16 +325,7 @@ class RecoverReconstruct(Pass):
 
     def _reference_artifact(self, ctx: PassContext) -> Artifact:
         ref = self.config.reference[1:]  # type: ignore[attr-defined]
-        if ref not in ctx.artifacts:
-            earlier = ", ".join(f"@{name}" for name in ctx.artifacts) or "@baseline"
-            from optimizer.recipe import suggest
-
-            raise RecipeError(f"stage '{ctx.stage}': reference '@{ref}' must name 'baseline' or an earlier stage"
-                              f"{suggest(ref, list(ctx.artifacts))}; available here: {earlier}")
-        artifact = ctx.artifacts[ref]
-        if artifact.form != "torch":
-            raise RecipeError(f"stage '{ctx.stage}': reference '@{ref}' is a {artifact.form} artifact; "
-                              "it must be a torch artifact")
+        artifact = earlier_torch_artifact(ctx, ref, "reference", "it must be a torch artifact")
         _require_factory(artifact, ctx, self.name, what=f"reference '@{ref}'")
         return artifact
 
@@ -431,11 +416,8 @@ class RecoverReconstruct(Pass):
             for batch_index, inputs in enumerate(batches):
                 seen.clear()
                 expected = max(1, calls[batch_index])
-                try:
-                    with torch.no_grad():
-                        model(*inputs)
-                except _LayerReached:
-                    pass
+                with contextlib.suppress(_LayerReached), torch.no_grad():  # stopped once the layer has run
+                    model(*inputs)
                 wanted = reference_outputs[batch_index]
                 if len(seen) != len(wanted):
                     raise StageError(f"{stage}: layer '{name}' runs {len(seen)} times per forward pass here but "
@@ -472,11 +454,14 @@ class RecoverReconstruct(Pass):
         return eq
 
     @staticmethod
-    def _reference_outputs(reference: "nn.Module", names: list[str], batches: list) -> dict[str, list[list]]:
-        """One pass of the reference over the batches, recording every chosen layer's outputs per batch."""
+    def _reference_outputs(reference: "nn.Module", names: list[str],
+                           batches: list) -> tuple[dict[str, list[list]], list["torch.Tensor"]]:
+        """One pass of the reference over the batches: every chosen layer's outputs per batch, and the model's
+        own output per batch (what the whole-model error before and after the refit is measured against)."""
         import torch
 
         recorded: dict[str, list[list]] = {name: [] for name in names}
+        finals: list[torch.Tensor] = []
         current: dict[str, list] = {}
         handles = [reference.get_submodule(name).register_forward_hook(
             lambda module, args, output, n=name: current[n].append(output.detach())) for name in names]
@@ -485,13 +470,13 @@ class RecoverReconstruct(Pass):
                 for name in names:
                     current[name] = []
                 with torch.no_grad():
-                    reference(*inputs)
+                    finals.append(first_output(reference(*inputs)).double())
                 for name in names:
                     recorded[name].append(current[name])
         finally:
             for handle in handles:
                 handle.remove()
-        return recorded
+        return recorded, finals
 
     def _solve(self, eq: NormalEquations, has_bias: bool) -> "torch.Tensor":
         """theta = [W^T; b] minimizing ||[X 1] theta - Y||^2 + lambda ||W||^2 (bias row zero without a bias)."""
@@ -553,8 +538,8 @@ class RecoverReconstruct(Pass):
         rng = np.random.default_rng(ctx.seed)
         refit: list[dict[str, Any]] = []
         ctx.progress.update("recording the reference's layer outputs")
-        reference_outputs = self._reference_outputs(reference, order, batches)
-        output_before = self._output_error(model, reference, batches)
+        reference_outputs, reference_finals = self._reference_outputs(reference, order, batches)
+        output_before = self._output_error(model, reference_finals, batches)
         for index, name in enumerate(order):
             ctx.progress.update(f"refitting {name} ({index + 1} of {len(order)})", index / (len(order) + 1))
             layer = model.get_submodule(name)
@@ -585,7 +570,7 @@ class RecoverReconstruct(Pass):
             refit.append(record)
 
         ctx.progress.update("measuring the refit model", len(order) / (len(order) + 1))
-        output_after = self._output_error(model, reference, batches)
+        output_after = self._output_error(model, reference_finals, batches)
         ctx.details["reconstruction"] = {
             "reference": cfg.reference,
             "samples": count,
@@ -599,15 +584,14 @@ class RecoverReconstruct(Pass):
         return _save(self, artifact, ctx, model)
 
     @staticmethod
-    def _output_error(model: "nn.Module", reference: "nn.Module", batches: list) -> float:
+    def _output_error(model: "nn.Module", reference_finals: list["torch.Tensor"], batches: list) -> float:
         """||out - out_ref||^2 / ||out_ref||^2 of the whole model over the calibration samples."""
         import torch
 
         error = energy = 0.0
         with torch.no_grad():
-            for inputs in batches:
-                ours = _first_tensor(model(*inputs)).double()
-                theirs = _first_tensor(reference(*inputs)).double()
+            for inputs, theirs in zip(batches, reference_finals):
+                ours = first_output(model(*inputs)).double()
                 error += float(((ours - theirs) ** 2).sum())
                 energy += float((theirs ** 2).sum())
         return error / max(energy, 1e-30)

@@ -60,17 +60,9 @@ def _profile(report: dict[str, Any]) -> list[str]:
     return ["", "## Where the time goes", "", *lines] if lines else []
 
 
-def _ms_at(group: dict[str, Any], width: int) -> float:
-    """A group's block time at ``width``: measured, or interpolated between the timed widths (the uniform solver
-    may choose a width between them)."""
-    points = sorted(zip(group["widths"], group["ms"]))
-    for (w0, m0), (w1, m1) in zip(points, points[1:]):
-        if w0 <= width <= w1:
-            return m0 + (m1 - m0) * (width - w0) / max(w1 - w0, 1)
-    return dict(points).get(width, points[-1][1] if width > points[-1][0] else points[0][1])
-
-
 def _latency_allocation(report: dict[str, Any]) -> list[str]:
+    from optimizer.passes.latency_allocation import ms_at_width
+
     lines = []
     for s in report["stages"]:
         pruning = (s.get("details") or {}).get("pruning") or {}
@@ -85,7 +77,7 @@ def _latency_allocation(report: dict[str, Any]) -> list[str]:
                   f"{info['measured_speedup']:.2f}× measured speedup"
                   + (f" for {macs:.2f}× fewer MACs" if macs else "") + ".", ""]
         rows = [[md(name, cell=True), md(g.get("block", ""), cell=True), str(g["channels"]), str(g["chosen"]),
-                 f"{g['ms'][0]:.4f}", f"{_ms_at(g, g['chosen']):.4f}"]
+                 f"{g['ms'][0]:.4f}", f"{ms_at_width(g['widths'], g['ms'], g['chosen']):.4f}"]
                 for name, g in info["table"].items()]
         lines += table(["group", "block", "channels", "kept", "block ms full", "block ms kept"], rows)
         for k in info.get("kept_groups") or []:
