@@ -80,7 +80,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from optimizer.errors import RecipeError, StageError
 from optimizer.models import try_eval
-from optimizer.passes.base import PassConfig
+from optimizer.passes.base import PassConfig, first_bad_pattern
 
 if TYPE_CHECKING:
     import torch
@@ -148,11 +148,9 @@ class TrainingConfig(PassConfig):
     @field_validator("train_only")
     @classmethod
     def _patterns_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"train_only: {pattern!r} is not a regular expression ({exc})") from None
+        bad = first_bad_pattern(value)
+        if bad:
+            raise ValueError(f"train_only: {bad[0]!r} is not a regular expression ({bad[1]})")
         return value
 
     @model_validator(mode="after")

@@ -106,6 +106,17 @@ class Pass(ABC):
         )
 
 
+def first_bad_pattern(patterns: list[str]) -> tuple[str, str] | None:
+    """(pattern, why) for the first entry that is not a regular expression, else None; for config validators,
+    which each word the error for their own field."""
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            return pattern, str(exc)
+    return None
+
+
 def earlier_torch_artifact(ctx: PassContext, reference: str, role: str, hint: str) -> Artifact:
     """The torch artifact of stage ``reference`` ('baseline' or an earlier stage), for a pass that reads one
     (a distillation teacher, a reconstruction reference). ``role`` names it in errors; ``hint`` says what to do

@@ -28,7 +28,7 @@ from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed, MissingDependency, StageError
 from optimizer.measure.complexity import count_macs
 from optimizer.models import count_parameters
-from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext
+from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext, first_bad_pattern
 from optimizer.passes.prune_latency import LatencySettings
 
 if TYPE_CHECKING:
@@ -65,11 +65,9 @@ class IgnoreConfig(PassConfig):
     @field_validator("patterns")
     @classmethod
     def _compiles(cls, patterns: list[str]) -> list[str]:
-        for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {exc}") from None
+        bad = first_bad_pattern(patterns)
+        if bad:
+            raise ValueError(f"pattern {bad[0]!r} is not a valid regular expression: {bad[1]}")
         return patterns
 
 

@@ -32,7 +32,7 @@ from pydantic import Field, field_validator
 
 from optimizer.artifact import Artifact
 from optimizer.errors import StageError
-from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext, earlier_torch_artifact
+from optimizer.passes.base import DataNeed, Pass, PassConfig, PassContext, earlier_torch_artifact, first_bad_pattern
 from optimizer.passes.prune_structured import first_output
 
 if TYPE_CHECKING:
@@ -214,12 +214,10 @@ class RecoverReconstructConfig(PassConfig):
         if layers is not None:
             if not layers:
                 raise ValueError("layers is empty; leave it out to refit every pruned consumer")
-            for entry in layers:
-                try:
-                    re.compile(entry)
-                except re.error as exc:
-                    raise ValueError(f"layers: {entry!r} is neither a module name nor a valid regular "
-                                     f"expression ({exc})") from None
+            bad = first_bad_pattern(layers)
+            if bad:
+                raise ValueError(f"layers: {bad[0]!r} is neither a module name nor a valid regular expression "
+                                 f"({bad[1]})")
         return layers
 
 
