@@ -13,6 +13,9 @@ For every workload (a model, its checkpoint and its data, given by a recipe) the
   recipe-int8-ov the recipe: export, NNCF INT8 on the ONNX model (Q/DQ), compile to OpenVINO IR
   recipe-pdq-ov  the recipe: structured pruning, distillation from the original, then as recipe-int8-ov
                  (only where the workload names pruning settings; skipped with the reason otherwise)
+  recipe-latency-prune-ov  the workload's latency-allocated pruning recipe as shipped (prune to a measured
+                 speedup on OpenVINO INT8, reconstruct, short frugal KD, INT8, OpenVINO); its own data
+                 section, so its baseline is built once more
 
 The first four are the single-tool paths a user writes by hand. "Best alternative" is the fastest of
 ort-fp32, ort-int8 and nncf-ir-ov among those whose top-1 stays within the workload recipe's accuracy budget
@@ -72,6 +75,8 @@ class Workload:
     # Where prune.structured and distill.kd settings come from; None: no pruning variant, for `no_prune`.
     prune_recipe: str | None = None
     no_prune: str = ""
+    # The latency-allocated pruning recipe run whole for the recipe-latency-prune-ov variant; None: skipped.
+    latency_recipe: str | None = None
     # The latency plan of the re-measurement (full mode); slow models get a shorter one.
     latency: dict[str, Any] = field(default_factory=dict)
     # --quick: recipe overrides (dotted paths) and stage-setting overrides by pass name.
@@ -100,6 +105,7 @@ WORKLOADS: tuple[Workload, ...] = (
         name="mobilenet-fashion",
         title="MobileNetV2 (ImageNet weights) fine-tuned on Fashion-MNIST, 3×224×224, 10 classes",
         recipe="recipes/cpu_openvino_int8_mobilenet.yaml",
+        latency_recipe="recipes/mobilenet_latency_prune_openvino.yaml",
         no_prune="pruning changes the channels of every block, so distillation must train the whole network: "
                  "about four forward passes per training image (student forward and backward, teacher forward) "
                  "at 17-34 ms each on this 2-core CPU (idle to busy), so the 3 epochs over 60,000 images that "
@@ -115,6 +121,7 @@ WORKLOADS: tuple[Workload, ...] = (
         name="minilm-sentiment",
         title="MiniLM-L6 sentence encoder + sentiment head (Rotten Tomatoes, 2×int64[64], 2 classes)",
         recipe="recipes/minilm_sentiment_int8.yaml",
+        latency_recipe="recipes/minilm_latency_prune_openvino.yaml",
         no_prune="pruning attention heads and MLP width changes every layer, so distillation must train the "
                  "whole 22.7 M-parameter encoder (teacher forward, student forward and backward) for several "
                  "epochs; even the example's own fine-tuning trains only the top layers to stay within minutes "
@@ -136,6 +143,7 @@ class Variant:
     label: str
     kind: str                                    # "reference" (eager), "alternative" (by hand), "recipe"
     chain: tuple[tuple[str, str], ...]           # (stage name, pass name); empty: the baseline itself
+    whole_recipe: bool = False                   # the workload's latency_recipe as it is (chain unused)
 
 
 EXPORT = ("export", "export.onnx")
@@ -150,6 +158,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("recipe-pdq-ov", "recipe: prune → distill → INT8 → OpenVINO", "recipe",
             (("prune", "prune.structured"), ("distill", "distill.kd"), EXPORT, ("int8", "quantize.nncf"),
              ("openvino", "compile.openvino"))),
+    Variant("recipe-latency-prune-ov", "recipe: latency-allocated prune → reconstruct → short KD → INT8 → OpenVINO",
+            "recipe", (), whole_recipe=True),
 )
 PRUNING_PASSES = {"prune.structured", "distill.kd"}
 
@@ -217,6 +227,22 @@ def variant_recipe(workload: Workload, variant: Variant, *, quick: bool) -> dict
     return base
 
 
+def whole_recipe(workload: Workload, variant: Variant, *, quick: bool) -> dict[str, Any]:
+    """The workload's latency-allocated pruning recipe as shipped (budget removed, quick settings applied)."""
+    from optimizer.recipe import apply_overrides
+
+    assert workload.latency_recipe is not None
+    recipe = read_recipe(workload.latency_recipe)
+    if quick:
+        recipe = apply_overrides(recipe, workload.quick)
+        for stage in recipe["stages"]:
+            stage.setdefault("with", {}).update(copy.deepcopy(workload.quick_stages.get(stage["pass"], {})))
+    recipe["name"] = f"bench-{workload.name}-{variant.name}"
+    recipe["budget"] = {}
+    recipe.setdefault("evaluate", {}).setdefault("latency", {})["mode"] = "quick"  # re-measured below
+    return recipe
+
+
 # ----------------------------------------------------------------------------------------- production
 
 
@@ -247,15 +273,19 @@ def produce(workload: Workload, variant: Variant, out: Path, cache: Path, *, qui
     from optimizer.errors import OptimizerError
 
     row = Row(variant)
-    if not variant.chain:
+    if variant.whole_recipe and not workload.latency_recipe:
+        row.skipped = "no latency-allocated pruning recipe for this workload"
+        return row
+    if not variant.chain and not variant.whole_recipe:
         return row  # filled from the ort-fp32 run's baseline
     if any(p in PRUNING_PASSES for _, p in variant.chain) and not workload.prune_recipe:
         row.skipped = workload.no_prune
         return row
     started = time.perf_counter()
     try:
-        report = run_recipe(variant_recipe(workload, variant, quick=quick), out=out / variant.name, quiet=True,
-                            resume=not fresh, cache=cache)
+        recipe = whole_recipe(workload, variant, quick=quick) if variant.whole_recipe else \
+            variant_recipe(workload, variant, quick=quick)
+        report = run_recipe(recipe, out=out / variant.name, quiet=True, resume=not fresh, cache=cache)
     except OptimizerError as exc:
         row.skipped = f"failed: {str(exc).splitlines()[0][:300]}"
         return row
@@ -434,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="small eval and calibration sets, short distillation, quick latency: a smoke run")
     parser.add_argument("--fresh", action="store_true", help="rebuild every stage instead of reusing cached ones")
+    parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS),
+                        help="comma-separated subset of the variants (eager and ort-fp32 are always built: the "
+                             "baseline and the alternatives' reference)")
     args = parser.parse_args(argv)
 
     from optimizer.measure.environment import describe, fingerprint
@@ -446,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in chosen if name not in by_name]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(by_name)}")
+    wanted = {v.strip() for v in args.variants.split(",") if v.strip()} | {"eager", "ort-fp32"}
+    unknown = sorted(wanted - {v.name for v in VARIANTS})
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {[v.name for v in VARIANTS]}")
+    variants = [v for v in VARIANTS if v.name in wanted]
     out = args.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     cache = out / ".stage-cache"
@@ -464,10 +502,10 @@ def main(argv: list[str] | None = None) -> int:
             results["workloads"][name] = {"skipped": reason}
             sections.append(f"### {name}: {workload.title}\n\nskipped: {reason}")
             continue
-        log(f"{name}: building {len(VARIANTS)} variants")
+        log(f"{name}: building {len(variants)} variants")
         started = time.perf_counter()
         rows = {v.name: produce(workload, v, out / name, cache, quick=args.quick, fresh=args.fresh, log=log)
-                for v in VARIANTS}
+                for v in variants}
         baseline = rows["ort-fp32"].baseline
         if baseline is not None:
             fill(rows["eager"], *baseline)

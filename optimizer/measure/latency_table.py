@@ -51,20 +51,27 @@ class Target:
     cpu: str
     cpu_flags: tuple[str, ...]
     versions: tuple[tuple[str, str | None], ...]
+    # NNCF's model type for INT8 ("transformer" keeps LayerNorm and residual adds in float and quantizes
+    # differently): it changes which kernels run, so it is part of the key.
+    quantization: str = "default"
 
     @classmethod
-    def here(cls, runtime: Runtime, precision: Precision, threads: int) -> "Target":
+    def here(cls, runtime: Runtime, precision: Precision, threads: int, quantization: str = "default") -> "Target":
         from optimizer.measure.environment import _cpu_info, package_versions
 
         cpu = _cpu_info()
         packages = package_versions()
         wanted = ("onnxruntime", "nncf", "onnx") + (("openvino",) if runtime == "openvino" else ())
         return cls(runtime=runtime, precision=precision, threads=int(threads), cpu=str(cpu["model"]),
-                   cpu_flags=tuple(cpu["flags"]), versions=tuple((k, packages.get(k)) for k in wanted))
+                   cpu_flags=tuple(cpu["flags"]), versions=tuple((k, packages.get(k)) for k in wanted),
+                   quantization=quantization if precision == "int8" else "default")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "precision": self.precision, "threads": self.threads, "cpu": self.cpu,
-                "cpu_flags": list(self.cpu_flags), "versions": dict(self.versions)}
+        out = {"runtime": self.runtime, "precision": self.precision, "threads": self.threads, "cpu": self.cpu,
+               "cpu_flags": list(self.cpu_flags), "versions": dict(self.versions)}
+        if self.quantization != "default":  # absent for the default: keys of earlier tables stay valid
+            out["quantization"] = self.quantization
+        return out
 
 
 def entry_key(signature: str, target: Target) -> str:
@@ -115,6 +122,9 @@ class BlockToTime:
     key: str
     onnx: Path
     label: str
+    inputs: Path | None = None
+    """An .npz of the block's real inputs (in0, in1...): calibration values for INT8 and the values timed.
+    Token ids and attention masks need real values (a mask of 7s overflows the additive mask to inf)."""
 
 
 def export_for_timing(module: Any, args: tuple, path: Path) -> None:
@@ -145,7 +155,8 @@ def measure_blocks(blocks: list[BlockToTime], target: Target, *, where: str, tim
         result = Path(scratch) / "result.json"
         request.write_text(json.dumps({
             "target": target.as_dict(),
-            "blocks": [{"key": b.key, "onnx": str(b.onnx), "label": b.label} for b in blocks],
+            "blocks": [{"key": b.key, "onnx": str(b.onnx), "label": b.label,
+                        "inputs": str(b.inputs) if b.inputs else None} for b in blocks],
             "result": str(result),
         }))
         env = worker_environment(target.threads, [Path.cwd()])

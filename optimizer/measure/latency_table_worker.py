@@ -1,7 +1,8 @@
 """Times ONNX blocks for a latency table, in a process of their own: ``python -m optimizer.measure.latency_table_worker REQUEST.json``.
 
 For each block: quantize it to INT8 with NNCF when the target precision is INT8 (the calibration values are
-random: they change the scales, never the kernels, so the time is that of the real INT8 model), open it on
+the block's inputs on the model's example input, with noise, or random ones: they change the scales, never
+the kernels, so the time is that of the real INT8 model), open it on
 the target runtime with the target's threads (OpenVINO: precision hint f32 for float layers, latency hint,
 one stream, as compile.openvino deploys it) and bind one input. Then every block is timed with the toolkit's
 own loop in ROUNDS interleaved rounds (block 1, 2, ..., n, then again), and its figure is the smallest of
@@ -45,7 +46,12 @@ def _random_inputs(model_path: Path, seed: int) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _quantize(model_path: Path, out_path: Path, inputs: dict[str, np.ndarray]) -> None:
+def _real_inputs(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as stored:
+        return {name: stored[name] for name in stored.files}
+
+
+def _quantize(model_path: Path, out_path: Path, inputs: dict[str, np.ndarray], model_type: str) -> None:
     import nncf
     import onnx
 
@@ -54,7 +60,8 @@ def _quantize(model_path: Path, out_path: Path, inputs: dict[str, np.ndarray]) -
     samples = [{k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype == np.float32 else v
                 for k, v in inputs.items()} for _ in range(4)]
     quantized = nncf.quantize(model, nncf.Dataset(samples), preset=nncf.QuantizationPreset.PERFORMANCE,
-                              subset_size=len(samples))
+                              subset_size=len(samples),
+                              model_type=nncf.ModelType.TRANSFORMER if model_type == "transformer" else None)
     onnx.save(quantized, str(out_path))
 
 
@@ -84,12 +91,13 @@ def _onnxruntime_runner(model_path: Path, inputs: dict[str, np.ndarray], threads
     return lambda: session.run(None, inputs)
 
 
-def prepare_block(model_path: Path, target: dict[str, Any], scratch: Path) -> Callable[[], Any]:
+def prepare_block(model_path: Path, target: dict[str, Any], scratch: Path,
+                  inputs_path: Path | None = None) -> Callable[[], Any]:
     """The block ready to run: quantized when the target is INT8, compiled, its input bound."""
-    inputs = _random_inputs(model_path, seed=0)
+    inputs = _real_inputs(inputs_path) if inputs_path else _random_inputs(model_path, seed=0)
     if target["precision"] == "int8":
         quantized = scratch / f"{model_path.stem}.int8.onnx"
-        _quantize(model_path, quantized, inputs)
+        _quantize(model_path, quantized, inputs, target.get("quantization", "default"))
         model_path = quantized
     threads = int(target["threads"])
     if target["runtime"] == "openvino":
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             runners: dict[str, Callable[[], Any]] = {}
             for block in request["blocks"]:
                 label = block["label"]
-                runners[block["key"]] = prepare_block(Path(block["onnx"]), target, Path(scratch))
+                runners[block["key"]] = prepare_block(Path(block["onnx"]), target, Path(scratch),
+                                                      Path(block["inputs"]) if block.get("inputs") else None)
             label = "timing"
             timings = time_rounds(runners)
     except Exception as exc:  # reported to the parent, which turns it into a one-line stage error

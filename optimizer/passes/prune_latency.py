@@ -76,13 +76,32 @@ class LatencySettings(PassConfig):
 
 @dataclass
 class LocalGroup:
+    """A group whose cut stays inside one block.
+
+    ``kind`` "channels": a Torch-Pruning group (``handler`` cuts it, ``block`` is the module timed). "heads" and
+    "mlp": a Transformer layer's attention heads or MLP width (:mod:`optimizer.passes.prune_transformer`),
+    cut on ``layer``; ``block`` then only names what is timed. ``unit``: the channels removed at a time (the
+    head size for heads).
+    """
+
     name: str
     block: str
     channels: int
     scores: np.ndarray
-    handler: Any
+    handler: Any = None
+    kind: Literal["channels", "heads", "mlp"] = "channels"
+    layer: str = ""
+    unit: int = 1
     widths: list[int] = field(default_factory=list)
     ms: list[float] = field(default_factory=list)
+
+    def members(self) -> dict[str, str]:
+        """The model's modules this group's timing block stands for: model name -> name inside the block."""
+        if self.kind == "channels":
+            return {self.block: ""}
+        from optimizer.passes.prune_transformer import block_members
+
+        return block_members(self.layer, self.kind)
 
 
 def _common_prefix(names: list[str]) -> str:
@@ -95,17 +114,23 @@ def _common_prefix(names: list[str]) -> str:
     return ".".join(prefix)
 
 
-def resolve_target(settings: LatencySettings, recipe_stages: list, stage: str) -> tuple[str, str]:
-    """(runtime, precision) the later stages deploy, unless set explicitly."""
+def resolve_target(settings: LatencySettings, recipe_stages: list, stage: str) -> tuple[str, str, str]:
+    """(runtime, precision, quantization) the later stages deploy, unless set explicitly; quantization is
+    "transformer" when a later quantize.nncf stage sets model_type: transformer, else "default"."""
     names = [s.name for s in recipe_stages]
-    later = [s.pass_name for s in recipe_stages[names.index(stage) + 1:]] if stage in names else []
+    later_stages = recipe_stages[names.index(stage) + 1:] if stage in names else []
+    later = [s.pass_name for s in later_stages]
     runtime = settings.runtime
     if runtime == "auto":
         runtime = "openvino" if "compile.openvino" in later else "onnxruntime"
     precision = settings.precision
     if precision == "auto":
         precision = "int8" if any(p in ("quantize.nncf", "quantize.ort") for p in later) else "fp32"
-    return runtime, precision
+    quantization = "default"
+    for s in later_stages:
+        if s.pass_name == "quantize.nncf" and (s.with_ or {}).get("model_type") == "transformer":
+            quantization = "transformer"
+    return runtime, precision, quantization
 
 
 def candidate_widths(channels: int, round_to: int, min_ratio: float, count: int) -> list[int]:
@@ -125,6 +150,8 @@ def discover_groups(tp, model: "nn.Module", example: tuple, ignored: list["nn.Mo
     import torch
     from torch import nn
 
+    from optimizer.passes.prune_transformer import transformer_layers
+
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     names = {m: n for n, m in model.named_modules()}
     groups = list(graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)))
@@ -132,9 +159,16 @@ def discover_groups(tp, model: "nn.Module", example: tuple, ignored: list["nn.Mo
     members_of = [sorted({names[it.dep.target.module] for it in g.items if it.dep.target.module in names})
                   for g in groups]
     blocks = [_common_prefix(m) for m in members_of]
-    local: list[LocalGroup] = []
+    layers = transformer_layers(model)
+    local: list[LocalGroup] = transformer_groups(model, layers, ignored, round_to)
     kept: list[dict[str, Any]] = []
+
+    def inside_layer(block: str) -> bool:
+        return any(block == layer or block.startswith(layer + ".") for layer in layers)
+
     for group, root, members, block in zip(groups, roots, members_of, blocks):
+        if block and inside_layer(block):
+            continue  # a Transformer layer's channels are pruned as its heads and MLP width (transformer_groups)
         module = group[0].dep.target.module
         channels = int(graph.get_out_channels(module) or 0)
         # Every layer of the group lies inside `block`, so pruning it leaves the block's inputs and outputs
@@ -159,6 +193,67 @@ def discover_groups(tp, model: "nn.Module", example: tuple, ignored: list["nn.Mo
         local.append(LocalGroup(name=root, block=block, channels=channels,
                                 scores=scores.detach().double().numpy(), handler=group[0].dep.handler))
     return local, kept
+
+
+def transformer_groups(model: "nn.Module", layers: list[str], ignored: list["nn.Module"],
+                       round_to: int) -> list[LocalGroup]:
+    """Heads and MLP width of each BERT-style layer, unless a layer of that group is ignored."""
+    from optimizer.passes import prune_transformer as pt
+
+    modules = dict(model.named_modules())
+    ignored_ids = {id(m) for m in ignored}
+    out: list[LocalGroup] = []
+    for layer_name in layers:
+        layer = modules[layer_name]
+        prefix = f"{layer_name}." if layer_name else ""
+        heads_parts = [f"attention.self.{n}" for n in ("query", "key", "value")] + ["attention.output.dense"]
+        if not any(id(layer.get_submodule(p)) in ignored_ids for p in heads_parts):
+            size = pt.head_size(layer)
+            out.append(LocalGroup(name=f"{prefix}attention:heads", block=f"{prefix}attention", kind="heads",
+                                  layer=layer_name, channels=layer.get_submodule("attention.self.query").out_features,
+                                  scores=pt.head_channel_scores(layer), unit=size))
+        if not any(id(layer.get_submodule(p)) in ignored_ids for p in ("intermediate.dense", "output.dense")):
+            out.append(LocalGroup(name=f"{prefix}intermediate:mlp", block=f"{prefix}intermediate+output", kind="mlp",
+                                  layer=layer_name, channels=layer.get_submodule("intermediate.dense").out_features,
+                                  scores=pt.mlp_channel_scores(layer), unit=max(1, round_to)))
+    return out
+
+
+def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalGroup]) -> dict[str, tuple]:
+    """The hidden states each Transformer group's block receives (its first positional or hidden_states input)."""
+    import torch
+
+    captured: dict[str, tuple] = {}
+    hooks = []
+    entry = {"heads": "attention", "mlp": "intermediate"}
+
+    def hook_for(name: str):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor):
+                captured.setdefault(name, (hidden.detach().clone(),))
+        return hook
+
+    for g in groups:
+        module = model.get_submodule(f"{g.layer}.{entry[g.kind]}" if g.layer else entry[g.kind])
+        hooks.append(module.register_forward_pre_hook(hook_for(g.name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def transformer_block_copy(layer: "nn.Module", g: LocalGroup, width: int) -> "nn.Module":
+    """The timing block of a Transformer group, on a copy of its layer cut to ``width``."""
+    from optimizer.passes import prune_transformer as pt
+
+    work = copy.deepcopy(layer).eval()
+    if width < g.channels:
+        (pt.cut_heads if g.kind == "heads" else pt.cut_mlp)(work, g.scores, width)
+    return pt.timing_block(work, g.kind).eval()
 
 
 def capture_block_inputs(model: "nn.Module", example: tuple, blocks: list[str]) -> dict[str, tuple]:
@@ -205,13 +300,20 @@ def prune_block_copy(tp, block: "nn.Module", args: tuple, root_rel: str, handler
 
 def prune_model_to_widths(tp, model: "nn.Module", example: tuple, groups: list[LocalGroup],
                           widths: dict[str, int]) -> "nn.Module":
+    from optimizer.passes import prune_transformer as pt
+
     work = copy.deepcopy(model).eval()
-    graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
     modules = dict(work.named_modules())
-    for g in groups:
-        remove = g.channels - widths[g.name]
-        if remove > 0:
+    cut = [g for g in groups if widths[g.name] < g.channels]
+    channel_groups = [g for g in cut if g.kind == "channels"]
+    if channel_groups:
+        graph = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+        for g in channel_groups:
+            remove = g.channels - widths[g.name]
             graph.get_pruning_group(modules[g.name], g.handler, _lowest(g.scores, remove)).prune()
+    for g in cut:
+        if g.kind != "channels":
+            (pt.cut_heads if g.kind == "heads" else pt.cut_mlp)(modules[g.layer], g.scores, widths[g.name])
     for p in work.parameters():
         p.requires_grad_(True)
     return work.eval()
@@ -224,8 +326,8 @@ def allocate_uniform(groups: list[LocalGroup], base_ms: float, target_ms: float,
     def widths_at(fraction: float) -> dict[str, int]:
         out = {}
         for g in groups:
-            floor = min(g.widths)
-            out[g.name] = int(min(g.channels, max(floor, round(g.channels * fraction / round_to) * round_to)))
+            floor, step = min(g.widths), max(round_to, g.unit)
+            out[g.name] = int(min(g.channels, max(floor, round(g.channels * fraction / step) * step)))
         return out
 
     def predicted(widths: dict[str, int]) -> float:
@@ -283,11 +385,14 @@ def sensitivity_costs(model: "nn.Module", groups: list[LocalGroup], pruned_block
         progress(f"sensitivity of {g.name} ({index + 1} of {len(groups)})")
         values = [0.0]
         for w in g.widths[1:]:
-            original = _replace_module(model, g.block, pruned_blocks[(g.name, w)])
+            block = pruned_blocks[(g.name, w)]
+            originals = {name: _replace_module(model, name, block.get_submodule(inside) if inside else block)
+                         for name, inside in g.members().items()}
             try:
                 current = log_probs()
             finally:
-                _replace_module(model, g.block, original)
+                for name, original in originals.items():
+                    _replace_module(model, name, original)
             kl = (reference.exp() * (reference - current)).sum(-1).mean()
             values.append(max(0.0, float(kl)))
         costs[g.name] = values
@@ -348,6 +453,8 @@ class TableBuilder:
                 if key in seen:
                     continue
                 path = Path(scratch) / f"block{index}.onnx"
+                values = Path(scratch) / f"block{index}.npz"
+                np.savez(values, **{f"in{i}": a.detach().cpu().numpy() for i, a in enumerate(args)})
                 progress(f"exporting {label} for timing")
                 try:
                     export_for_timing(module, args, path)
@@ -355,7 +462,7 @@ class TableBuilder:
                     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise StageError(f"{self.where}: could not export {label} to time it: {first[:200]}") from None
                 seen.add(key)
-                to_time.append(BlockToTime(key=key, onnx=path, label=label))
+                to_time.append(BlockToTime(key=key, onnx=path, label=label, inputs=values))
             if to_time:
                 progress(f"timing {len(to_time)} models/blocks on {self.target.runtime} {self.target.precision} "
                          f"({self.target.threads} thread(s), fresh process)")
@@ -380,11 +487,12 @@ class TableBuilder:
 def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: list["nn.Module"], importance,
                            round_to: int, target_ms: float | None, speedup: float | None,
                            settings: LatencySettings, runtime: str, precision: str, threads: int, where: str,
-                           progress, calibration: tuple | None = None) -> tuple["nn.Module", dict[str, Any]]:
+                           progress, calibration: tuple | None = None,
+                           quantization: str = "default") -> tuple["nn.Module", dict[str, Any]]:
     """Prune ``model`` (a copy) to meet the latency target on the target runtime; returns it and the report."""
     from optimizer.measure.latency_table import LatencyCache, Target
 
-    target = Target.here(runtime, precision, threads)  # type: ignore[arg-type]
+    target = Target.here(runtime, precision, threads, quantization)  # type: ignore[arg-type]
     cache = LatencyCache(Path(settings.cache_dir).expanduser() if settings.cache_dir else None)
     builder = TableBuilder(target, cache, where)
 
@@ -393,7 +501,11 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
     if not groups:
         raise StageError(f"{where}: no pruning group lies inside one block, so latency allocation has nothing to "
                          f"choose ({len(kept)} coupled group(s) keep their width); use a channel ratio instead")
-    inputs = capture_block_inputs(model, example, [g.block for g in groups])
+    channel_groups = [g for g in groups if g.kind == "channels"]
+    inputs = capture_block_inputs(model, example, [g.block for g in channel_groups])
+    inputs.update({g.block: args for g in groups for name, args in
+                   capture_layer_inputs(model, example, [g for g in groups if g.kind != "channels"]).items()
+                   if name == g.name})
     modules = dict(model.named_modules())
     for g in list(groups):
         if not inputs.get(g.block):
@@ -407,12 +519,16 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
     items: list[tuple[str, Any, tuple]] = [(base_label, model, example)]
     pruned_blocks: dict[tuple[str, int], Any] = {}
     for g in groups:
-        g.widths = candidate_widths(g.channels, round_to, settings.min_width_ratio, settings.widths)
-        block = modules[g.block]
-        rel = g.name[len(g.block) + 1:]
+        g.widths = candidate_widths(g.channels, max(round_to, g.unit) if g.kind != "channels" else round_to,
+                                    settings.min_width_ratio, settings.widths)
         for w in g.widths:
             progress(f"cutting {g.block} to {w} channels")
-            pruned_blocks[(g.name, w)] = prune_block_copy(tp, block, inputs[g.block], rel, g.handler, g.scores, w)
+            if g.kind == "channels":
+                rel = g.name[len(g.block) + 1:]
+                pruned_blocks[(g.name, w)] = prune_block_copy(tp, modules[g.block], inputs[g.block], rel, g.handler,
+                                                              g.scores, w)
+            else:
+                pruned_blocks[(g.name, w)] = transformer_block_copy(modules[g.layer], g, w)
             items.append((f"{g.name}@{w}", pruned_blocks[(g.name, w)], inputs[g.block]))
     table = builder.times(items, progress, fresh=frozenset({base_label}))
     base_ms = table[base_label]

@@ -459,7 +459,7 @@ class PruneStructured(Pass):
             modules = dict(model.named_modules())
             if cfg.importance == "taylor":
                 self._gradients(model, batches)
-            runtime, precision = resolve_target(cfg.latency, list(ctx.recipe.recipe.stages), ctx.stage)
+            runtime, precision, quantization = resolve_target(cfg.latency, list(ctx.recipe.recipe.stages), ctx.stage)
             threads = cfg.latency.threads or ctx.recipe.recipe.evaluate.latency.threads
             calibration = None
             if cfg.latency.group_cost == "sensitivity":
@@ -470,7 +470,7 @@ class PruneStructured(Pass):
                 tp, model=model, example=example, ignored=[modules[n] for n in ignored_names],
                 importance=self._importance(tp), round_to=cfg.round_to or 1, target_ms=cfg.target_latency_ms,
                 speedup=cfg.speedup, settings=cfg.latency, runtime=runtime, precision=precision, threads=threads,
-                where=stage, progress=ctx.progress.update, calibration=calibration)
+                where=stage, progress=ctx.progress.update, calibration=calibration, quantization=quantization)
             model.zero_grad(set_to_none=True)
             info = {}
             params_after, macs_after = count_parameters(pruned), count_macs(pruned, inputs)
