@@ -22,7 +22,8 @@ def test_the_recipes_the_docs_promise_are_there() -> None:
     names = {path.stem for path in RECIPES}
     assert {"quickstart", "cpu_openvino_int8", "prune_distill_int8", "prune_distill_int8_openvino",
             "minilm_sentiment_int8", "minilm_accuracy_controlled_int8", "gpu_tensorrt_fp16",
-            "gpu_tensorrt_int8", "cpu_openvino_int8_mobilenet", "mobilenet_latency_prune_openvino"} <= names
+            "gpu_tensorrt_int8", "cpu_openvino_int8_mobilenet", "mobilenet_latency_prune_openvino",
+            "minilm_latency_prune_openvino"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
