@@ -111,8 +111,24 @@ class ImageTransform(StrictModel):
     resize: int | None = Field(default=None, ge=1, description="Resize the shorter side to this many pixels.")
     crop: int | None = Field(default=None, ge=1, description="Center-crop to a square of this size.")
     channels: Literal[1, 3] | None = Field(default=None, description="Convert to 1 (gray) or 3 (RGB) channels.")
-    mean: list[float] | None = Field(default=None, description="Per-channel mean subtracted after scaling to [0, 1].")
-    std: list[float] | None = Field(default=None, description="Per-channel standard deviation divided by.")
+    mean: list[float] | None = Field(
+        default=None, min_length=1, description="Per-channel mean subtracted after scaling to [0, 1]."
+    )
+    std: list[float] | None = Field(
+        default=None, min_length=1, description="Per-channel standard deviation divided by (each greater than 0)."
+    )
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, values: list[float] | None) -> list[float] | None:
+        # A zero would fill the data with inf and NaN, which only the first forward pass would reveal.
+        if values is not None and any(not v > 0 for v in values):
+            raise ValueError("every standard deviation must be greater than 0")
+        return values
+
+    def transforms_images(self) -> bool:
+        """Whether any option changes pixel values or image size (a layout change alone does neither)."""
+        return any(getattr(self, name) is not None for name in ("resize", "crop", "channels", "mean", "std"))
 
 
 class _DataCommon(StrictModel):
@@ -136,13 +152,31 @@ class ImageFolderData(_DataCommon, ImageTransform):
     root: str = Field(description="Folder with one sub-folder of images per class (sorted names = labels).")
 
 
-class NpzData(_DataCommon):
+class NpzData(_DataCommon, ImageTransform):
+    """Arrays saved with numpy.savez. The image options (`resize`, `crop`, `channels`, `mean`, `std`) and
+    `layout` apply to the single input of an image model: uint8 pixels are scaled to [0, 1] first, as the
+    image data sets do, float arrays are taken as already in [0, 1], and [N, H, W] counts as one channel."""
+
     dataset: Literal["npz"]
     path: str = Field(description="An .npz file (loaded with allow_pickle=False).")
     inputs: dict[str, str] | str = Field(
         default="x", description="Array key of the input, or a mapping input name -> key for several inputs."
     )
     labels: str = Field(default="y", description="Array key of the integer labels.")
+    layout: Literal["nchw", "nhwc"] = Field(
+        default="nchw",
+        description="Layout of the stored images: 'nhwc' (channels last) is transposed to the NCHW the model takes.",
+    )
+
+    @model_validator(mode="after")
+    def _image_options_need_one_input(self) -> "NpzData":
+        if isinstance(self.inputs, dict) and len(self.inputs) > 1:
+            used = [n for n in ("resize", "crop", "channels", "mean", "std") if getattr(self, n) is not None]
+            used += ["layout"] if self.layout != "nchw" else []
+            if used:
+                raise ValueError(f"'{used[0]}' applies to the single input of an image model, and 'inputs' names "
+                                 f"{len(self.inputs)}; prepare these arrays before saving them, or drop '{used[0]}'")
+        return self
 
 
 class PythonData(_DataCommon):

@@ -10,7 +10,8 @@ message), never used. The key hashes:
   every Python file of this package (the helpers a pass calls live outside its file),
 - the data specs (with size and modification time of the files behind them), the seed and the
   ``evaluate`` settings, because the measurements are cached too,
-- library versions (from package metadata: no heavy import) and the hardware (CPU model and flags).
+- library versions (from package metadata: no heavy import) and the hardware (CPU model and flags; GPU
+  names, driver and the CUDA version torch was built with, when there is a GPU).
 
 The cache lives in ``OUT/.cache`` (the output lock guards it) or in a folder shared by several outputs
 (``--cache DIR``). Entries are immutable: one is built in a temporary folder and renamed into place in one
@@ -70,7 +71,9 @@ def hardware() -> dict[str, Any]:
     from optimizer.measure.environment import fingerprint
 
     env = fingerprint()
-    return {key: env.get(key) for key in ("machine", "cpu", "cpu_flags", "cpus_usable")}
+    # Not the toolkit's git revision: toolkit_digest() covers its code, and a commit that only touches docs
+    # must not invalidate every cached stage.
+    return {key: env.get(key) for key in ("machine", "cpu", "cpu_flags", "cpus_usable", "gpu")}
 
 
 def source_digest(obj_or_module: Any) -> str | None:

@@ -235,6 +235,121 @@ def test_npz_object_array_is_refused_without_unpickling(tmp_path, where):
     assert not marker.exists()
 
 
+# ------------------------------------------------------------------------- npz image preprocessing
+
+
+def fashion_npz(path: Path, *, count: int = 400, layout: str = "nchw", as_float: bool = True,
+                three_channels: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` Fashion-MNIST test images (read with the package's IDX reader) saved as an npz
+    the way a user would: floats in [0, 1] or raw uint8, channels first or last. Returns the stored arrays."""
+    from optimizer.data.idx import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(FASHION_ROOT, "test")
+    x = images[:count, None]
+    if three_channels:
+        # Three different channels, so a transpose that mixes them up cannot go unnoticed.
+        x = np.concatenate([x, 255 - x, np.roll(x, 5, axis=-1)], axis=1)
+    if layout == "nhwc":
+        x = x.transpose(0, 2, 3, 1)
+    x = np.ascontiguousarray(x.astype(np.float32) / 255.0 if as_float else x)
+    write_npz(path, x=x, y=labels[:count])
+    return x, labels[:count]
+
+
+def test_npz_mean_and_std_normalize_floats_in_unit_range(tmp_path):
+    x, y = fashion_npz(tmp_path / "d.npz")
+    data = load(NpzData(dataset="npz", path="d.npz", mean=[MEAN], std=[STD]), base_dir=tmp_path)
+    out = data.inputs["images"]
+    assert out.dtype == np.float32 and out.shape == (400, 1, 28, 28)
+    np.testing.assert_allclose(out, (x - MEAN) / STD, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(data.labels, y)
+    # Without options the array is used exactly as stored, as before.
+    np.testing.assert_array_equal(load(NpzData(dataset="npz", path=str(tmp_path / "d.npz"))).inputs["images"], x)
+
+
+def test_npz_uint8_pixels_match_the_fashion_mnist_data_set(tmp_path):
+    # Raw uint8 [N, 28, 28] with resize, channels, mean and std: the npz path must give exactly what the
+    # fashion-mnist data set gives for the same images and options.
+    from optimizer.data.datasets import draw_indices
+    from optimizer.data.idx import load_fashion_mnist
+
+    options = dict(resize=32, channels=3, mean=[0.5, 0.4, 0.3], std=[0.25, 0.2, 0.3])
+    inputs = [InputSpec(name="x", shape=[1, 3, 32, 32])]
+    reference = load(fashion(split="test", samples=64, **options), inputs=inputs, seed=5)
+    images, labels = load_fashion_mnist(FASHION_ROOT, "test")
+    index = draw_indices(len(labels), 64, 5, where="test")
+    write_npz(tmp_path / "d.npz", x=images[index], y=labels[index])
+    data = load(NpzData(dataset="npz", path=str(tmp_path / "d.npz"), **options), inputs=inputs)
+    assert data.inputs["x"].shape == (64, 3, 32, 32)
+    np.testing.assert_allclose(data.inputs["x"], reference.inputs["x"], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(data.labels, reference.labels)
+
+
+def test_npz_nhwc_layout_is_transposed_to_nchw(tmp_path):
+    nchw, _ = fashion_npz(tmp_path / "first.npz", count=50, three_channels=True)
+    nhwc, _ = fashion_npz(tmp_path / "last.npz", count=50, three_channels=True, layout="nhwc")
+    assert nhwc.shape == (50, 28, 28, 3)
+    rgb = [InputSpec(name="images", shape=[1, 3, 28, 28])]
+    # Stored channels-last, the array is refused with a hint unless the layout says so.
+    with pytest.raises(InputRejected, match="channels-last"):
+        load(NpzData(dataset="npz", path=str(tmp_path / "last.npz")), inputs=rgb)
+    transposed = load(NpzData(dataset="npz", path=str(tmp_path / "last.npz"), layout="nhwc"), inputs=rgb)
+    np.testing.assert_array_equal(transposed.inputs["images"], nchw)
+    assert transposed.inputs["images"].flags.c_contiguous
+    # The layout comes before the per-channel normalization: each channel gets its own mean and std.
+    mean, std = [0.1, 0.5, 0.9], [0.5, 0.25, 0.125]
+    normalized = load(NpzData(dataset="npz", path=str(tmp_path / "last.npz"), layout="nhwc", mean=mean, std=std),
+                      inputs=rgb)
+    expected = (nchw - np.array(mean, np.float32)[None, :, None, None]) / np.array(std, np.float32)[None, :, None, None]
+    np.testing.assert_allclose(normalized.inputs["images"], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_npz_nhwc_layout_of_an_array_without_channels(tmp_path):
+    from optimizer.data.idx import load_fashion_mnist
+
+    images, labels = load_fashion_mnist(FASHION_ROOT, "test")
+    flat = write_npz(tmp_path / "flat.npz", x=images[:10], y=labels[:10])
+    with pytest.raises(InputRejected, match=r"'layout: nhwc' needs images of shape \[N, H, W, C\].*\[10, 28, 28\]"):
+        load(NpzData(dataset="npz", path=str(flat), layout="nhwc"))
+
+
+def test_npz_image_options_refuse_integer_arrays_other_than_uint8(tmp_path):
+    write_npz(tmp_path / "d.npz", x=np.zeros((4, 1, 28, 28), np.int32), y=np.zeros(4, np.int64))
+    with pytest.raises(InputRejected,
+                       match=r"array 'x': 'mean' needs uint8 pixels or floats in \[0, 1\], the array is int32"):
+        load(NpzData(dataset="npz", path=str(tmp_path / "d.npz"), mean=[0.5]))
+
+
+def test_npz_mean_with_the_wrong_number_of_values(tmp_path):
+    fashion_npz(tmp_path / "d.npz", count=10)
+    with pytest.raises(RecipeError, match="'std' has 2 values but the images have 1 channels"):
+        load(NpzData(dataset="npz", path=str(tmp_path / "d.npz"), std=[0.5, 0.5]))
+
+
+@pytest.mark.parametrize(("entry", "field", "message"), [
+    ("{dataset: npz, path: d.npz, layout: NHWC}", "data.eval.layout", "Input should be 'nchw' or 'nhwc'"),
+    ("{dataset: npz, path: d.npz, std: [0.3, 0]}", "data.eval.std", "every standard deviation must be greater than 0"),
+    ("{dataset: npz, path: d.npz, mean: []}", "data.eval.mean", "at least 1 item"),
+    ("{dataset: npz, path: d.npz, channels: 2}", "data.eval.channels", "Input should be 1 or 3"),
+    ("{dataset: npz, path: d.npz, inputs: {a: x, b: z}, mean: [0.5]}", "data.eval",
+     "'mean' applies to the single input of an image model, and 'inputs' names 2"),
+])
+def test_npz_options_are_validated_with_the_field_named(entry, field, message):
+    from optimizer.recipe import load_recipe
+    from tests.conftest import REPO
+
+    with pytest.raises(RecipeError) as info:
+        load_recipe(REPO / "recipes" / "quickstart.yaml", overrides=[f"data.eval={entry}"])
+    text = str(info.value)
+    assert f": {field}: " in text and message in text, text
+    assert "\n" not in text
+
+
+def test_npz_options_pass_validation_with_one_named_input():
+    spec = NpzData(dataset="npz", path="d.npz", inputs={"images": "x"}, layout="nhwc", mean=[0.5], std=[0.5])
+    assert spec.layout == "nhwc" and spec.transforms_images()
+
+
 # ---------------------------------------------------------------------------------- image folder
 
 

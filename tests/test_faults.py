@@ -638,6 +638,31 @@ def test_cache_key_changes_with_everything_a_stage_depends_on(linear_checkpoint:
     assert stage_cache.library_versions()["torch"] == "9.9"
 
 
+def test_cache_key_changes_with_the_gpu_driver_and_cuda_version(linear_checkpoint: Path, monkeypatch) -> None:
+    from optimizer import stage_cache
+    from optimizer.measure import environment
+    from optimizer.passes.export_onnx import ExportOnnx
+    from optimizer.recipe import load_recipe
+
+    loaded = load_recipe(linear_recipe(linear_checkpoint))
+    artifact = Artifact("torch", linear_checkpoint.parent, linear_checkpoint.name, list(loaded.recipe.model.inputs),
+                        files={"model.safetensors": "0" * 64})
+
+    def key_with(gpu: dict | None) -> str:
+        # The whole collection path: common_key_parts -> hardware -> fingerprint -> gpu_facts.
+        monkeypatch.setattr(environment, "gpu_facts", lambda: gpu)
+        common = stage_cache.common_key_parts(loaded)
+        assert common["hardware"]["gpu"] == gpu
+        return stage_cache.key_of(stage_cache.stage_key_parts("export", ExportOnnx, {"opset": 18}, artifact, {},
+                                                              common))
+
+    h200 = {"names": ["NVIDIA H200"], "driver": "570.86.15", "cuda": "12.8"}
+    keys = [key_with(None), key_with(h200), key_with({**h200, "names": ["NVIDIA A100-SXM4-80GB"]}),
+            key_with({**h200, "driver": "575.51.03"}), key_with({**h200, "cuda": "13.0"})]
+    assert len(set(keys)) == len(keys), keys
+    assert key_with(dict(h200)) == keys[1]  # the same facts give the same key
+
+
 def _store_entry(root: str, source: str, measurements: str) -> str:
     """One process storing a cache entry (several run this at once)."""
     from optimizer.stage_cache import StageCache

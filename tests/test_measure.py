@@ -13,6 +13,7 @@ from optimizer.measure.latency import (
     measure_throughput,
     median_interval,
     nearest_rank,
+    quantile_interval,
     summarize,
     time_iterations,
     warm_up,
@@ -95,6 +96,96 @@ def test_median_interval_covers_the_true_median_about_95_percent():
     assert 0.90 <= covered / trials <= 0.995
 
 
+# ------------------------------------------------------------------------------ tail percentile intervals
+
+
+def _binomial_cdf_reference(n: int, p: float, k: int) -> float:
+    """P(B <= k) for B ~ Binomial(n, p), summed term by term: an independent check of the package's ranks."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1)) if k >= 0 else 0.0
+
+
+@pytest.mark.parametrize("n", [50, 200, 1000])
+@pytest.mark.parametrize("q", [50, 90, 99])
+def test_quantile_interval_ranks_are_the_tightest_with_95_percent_coverage(n, q):
+    values = np.arange(1, n + 1, dtype=float)  # the value is its own rank
+    low, high = quantile_interval(values, q)
+    p = q / 100
+    # [X_(l), X_(u)] misses the true percentile when fewer than l or at least u times lie below it.
+    if low is not None:
+        assert _binomial_cdf_reference(n, p, int(low) - 1) <= 0.025 < _binomial_cdf_reference(n, p, int(low))
+    else:
+        assert _binomial_cdf_reference(n, p, 0) > 0.025
+    if high is not None:
+        assert _binomial_cdf_reference(n, p, int(high) - 1) >= 0.975 > _binomial_cdf_reference(n, p, int(high) - 2)
+    else:
+        assert _binomial_cdf_reference(n, p, n - 1) < 0.975
+    # For the median the exact ranks agree with the normal approximation the p50 interval uses.
+    if q == 50 and n >= 200:
+        assert (low, high) == median_interval(values)
+
+
+def test_quantile_interval_contains_the_true_percentile_of_a_known_distribution():
+    # Exponential(1): the q-th percentile is -ln(1 - q/100).
+    times = np.sort(np.random.default_rng(3).exponential(size=5000))
+    for q in (50, 90, 99):
+        low, high = quantile_interval(times, q)
+        truth = -math.log(1 - q / 100)
+        assert low <= truth <= high, (q, low, truth, high)
+        assert low <= nearest_rank(times, q) <= high
+
+
+def test_quantile_interval_covers_the_true_p90_and_p99_about_95_percent():
+    rng = np.random.default_rng(11)
+    trials = 400
+    for q in (90, 99):
+        truth = -math.log(1 - q / 100)
+        covered = 0
+        for _ in range(trials):
+            low, high = quantile_interval(np.sort(rng.exponential(size=1000)), q)
+            covered += low <= truth <= high
+        # Exact ranks never cover less than 95 % in expectation; the discreteness makes them a little more.
+        assert 0.92 <= covered / trials <= 0.995, (q, covered / trials)
+
+
+def test_p99_interval_is_wider_than_the_p50_interval_on_the_same_times():
+    times = np.random.default_rng(5).lognormal(mean=0.0, sigma=0.5, size=2000)
+    summary = summarize(times)
+    width = {q: summary[f"p{q}_ci95_ms"][1] - summary[f"p{q}_ci95_ms"][0] for q in (50, 90, 99)}
+    assert width[50] < width[90] < width[99]
+    for q in (50, 90, 99):
+        low, high = summary[f"p{q}_ci95_ms"]
+        assert low <= summary[f"p{q}_ms"] <= high
+
+
+def test_p99_of_few_iterations_has_no_upper_bound_and_is_unstable():
+    # Below 368 times even the largest lies under the true p99 more than 2.5 % of the time.
+    summary = summarize(np.linspace(1.0, 1.01, 367))
+    assert summary["p99_ci95_ms"][0] is not None and summary["p99_ci95_ms"][1] is None
+    assert summary["p99_unstable"] is True
+    assert summary["unstable"] is False and summary["p90_unstable"] is False  # the same times are tight there
+    assert summarize(np.linspace(1.0, 1.01, 368))["p99_ci95_ms"][1] == pytest.approx(1.01)
+    import json
+
+    assert '"p99_ci95_ms": [' in json.dumps(summary) and "null" in json.dumps(summary["p99_ci95_ms"])
+
+
+def test_tail_is_unstable_when_its_interval_is_wide_even_if_the_median_is_tight():
+    rng = np.random.default_rng(2)
+    # A tight body and a long, sparse tail: the median is sharp, the p99 is not.
+    times = np.concatenate([1.0 + rng.normal(scale=0.002, size=1900), 1.0 + rng.exponential(scale=2.0, size=100)])
+    summary = summarize(times)
+    assert summary["unstable"] is False
+    assert summary["p99_unstable"] is True
+
+
+def test_mean_interval_uses_students_t():
+    from optimizer.measure.latency import mean_interval
+
+    low, high = mean_interval([1.0, 2.0, 3.0])
+    assert (low, high) == (pytest.approx(2 - 4.303 / math.sqrt(3)), pytest.approx(2 + 4.303 / math.sqrt(3)))
+    assert mean_interval([5.0]) is None
+
+
 # ------------------------------------------------------------------------------------- summarize
 
 
@@ -113,6 +204,8 @@ def test_summarize_fields():
     assert summary["cv"] == pytest.approx(np.std(times, ddof=1) / 50.5)
     assert summary["p50_ci95_ms"] == [40.0, 61.0]
     assert summary["unstable"] is True  # the interval spans 42 % of the median
+    assert summary["p90_ci95_ms"] == list(quantile_interval(np.sort(times), 90))
+    assert summary["p99_ci95_ms"][1] is None and summary["p99_unstable"] is True
 
 
 def test_summarize_stable_figures():
@@ -221,6 +314,35 @@ def test_measure_throughput_counts_samples():
     assert result["wall_s"] >= 0.02
     assert result["samples_per_s"] == pytest.approx(result["iterations"] * 32 / result["wall_s"])
     assert fn.calls >= 10 + result["iterations"]
+    # One trial: no interval, and no evidence of instability either.
+    assert result["trials"] == 1 and result["samples_per_s_ci95"] is None and result["unstable"] is False
+
+
+def test_measure_throughput_gets_an_interval_across_trials():
+    import time
+
+    result = measure_throughput(lambda: time.sleep(0.001), 8, plan(min_duration_s=0.06), trials=3)
+    rates = result["trial_samples_per_s"]
+    assert result["trials"] == 3 and len(rates) == 3
+    low, high = result["samples_per_s_ci95"]
+    assert low < float(np.mean(rates)) < high
+    assert low <= result["samples_per_s"] <= high
+    assert result["samples_per_s"] == pytest.approx(result["iterations"] * 8 / result["wall_s"])
+
+
+def test_measure_throughput_that_drifts_between_trials_is_unstable():
+    import time
+
+    calls = {"n": 0}
+
+    def drifting() -> None:
+        calls["n"] += 1
+        # Fast for the 10 warm-up calls and the first trial's 7 (its share of 20), ten times slower after.
+        time.sleep(0.0004 if calls["n"] <= 17 else 0.004)
+
+    result = measure_throughput(drifting, 8, plan(min_duration_s=0.0), trials=3)
+    assert max(result["trial_samples_per_s"]) > 3 * min(result["trial_samples_per_s"])
+    assert result["unstable"] is True
 
 
 # --------------------------------------------------------------------------------------- accuracy
@@ -362,6 +484,7 @@ def test_time_trials_marks_drift_between_trials_unstable():
     summary, _ = time_trials(drifting, plan, 3)
     assert summary["trial_spread"] > 0.5
     assert summary["unstable"]
+    assert summary["p90_unstable"] and summary["p99_unstable"]
 
 
 def test_sweep_plan_is_shorter_than_the_main_plan():
@@ -393,3 +516,113 @@ def test_onnxruntime_providers_never_fall_back_silently():
         "CUDAExecutionProvider", "CPUExecutionProvider"]
     with pytest.raises(MissingDependency, match="CUDAExecutionProvider.*onnxruntime-gpu"):
         session_providers(["cuda"], ["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------ environment
+
+
+def test_fingerprint_records_the_git_revision_of_this_checkout():
+    import subprocess
+
+    from optimizer.measure.environment import describe, fingerprint
+    from tests.conftest import REPO
+
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
+    if done.returncode != 0:
+        pytest.skip("the tests do not run from a git checkout (an unpacked source archive)")
+    head = done.stdout.strip()
+    env = fingerprint()
+    assert env["toolkit_revision"]["commit"] == head
+    assert isinstance(env["toolkit_revision"]["modified"], bool)
+    assert head[:12] in describe(env)
+
+
+def test_toolkit_revision_is_none_outside_a_checkout_and_never_fails(monkeypatch, tmp_path):
+    import subprocess
+
+    from optimizer.measure import environment
+
+    real_run = subprocess.run
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(environment.subprocess, "run", no_git)
+    assert environment.toolkit_revision() is None
+
+    def hanging(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], kwargs.get("timeout"))
+
+    monkeypatch.setattr(environment.subprocess, "run", hanging)
+    assert environment.toolkit_revision() is None
+
+    # A package inside another project's repository, where its files are not tracked, has no revision of its own.
+    def untracked(cmd, *args, **kwargs):
+        if "ls-files" in cmd:
+            return subprocess.CompletedProcess(cmd, 1, "", "error: pathspec did not match")
+        return real_run(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(environment.subprocess, "run", untracked)
+    assert environment.toolkit_revision() is None
+
+
+def test_gpu_facts_from_nvidia_smi(monkeypatch):
+    import subprocess
+
+    from optimizer.measure import environment
+
+    environment._nvidia_smi.cache_clear()
+    monkeypatch.setattr(environment.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    output = "NVIDIA H200, 570.86.15\nNVIDIA H200, 570.86.15\n"
+    monkeypatch.setattr(environment.subprocess, "run",
+                        lambda cmd, **kwargs: subprocess.CompletedProcess(cmd, 0, output, ""))
+    try:
+        facts = environment.gpu_facts()
+        assert facts is not None
+        assert facts["names"] == ["NVIDIA H200", "NVIDIA H200"] and facts["driver"] == "570.86.15"
+        assert facts["cuda"] == environment._torch_cuda_build()
+        assert "NVIDIA H200, NVIDIA H200, driver 570.86.15" in environment.describe({"gpu": facts})
+    finally:
+        environment._nvidia_smi.cache_clear()
+
+
+def test_gpu_facts_absent_without_a_gpu(monkeypatch):
+    import subprocess
+
+    import torch
+
+    from optimizer.measure import environment
+
+    environment._nvidia_smi.cache_clear()
+    monkeypatch.setattr(environment.shutil, "which", lambda name: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    try:
+        assert environment.gpu_facts() is None
+        assert environment.fingerprint()["gpu"] is None
+        # A hung or failing nvidia-smi counts as no GPU, never as a failed run.
+        monkeypatch.setattr(environment.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+
+        def hanging(cmd, **kwargs):
+            raise subprocess.TimeoutExpired(cmd, kwargs.get("timeout"))
+
+        monkeypatch.setattr(environment.subprocess, "run", hanging)
+        environment._nvidia_smi.cache_clear()
+        assert environment.gpu_facts() is None
+    finally:
+        environment._nvidia_smi.cache_clear()
+
+
+def test_torch_cuda_build_is_the_same_whether_torch_is_imported_or_not(monkeypatch):
+    import sys
+
+    import torch
+
+    from optimizer.measure import environment
+
+    imported = environment._torch_cuda_build()
+    assert imported == torch.version.cuda
+    monkeypatch.delitem(sys.modules, "torch")  # read from torch/version.py, as before any import of torch
+    assert environment._torch_cuda_build() == imported

@@ -414,3 +414,52 @@ def test_synthetic_report_with_every_section_loads_in_chromium(tmp_path: Path) -
     messages = _screenshot(run / "report.html", png, height=4000)
     assert messages == [], "console messages:\n" + "\n".join(messages)
     _assert_not_blank(png, 1280, 4000)
+
+
+# ------------------------------------------------------------------------- intervals of tails and throughput
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real run of a 784 -> 10 linear model (baseline and ONNX export, quick latency mode, 3 trials)."""
+    from safetensors.torch import save_file
+
+    from optimizer import run_recipe
+    from tests.test_faults import linear_recipe, tiny_linear
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    checkpoint = folder / "linear.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_linear().state_dict().items()}, str(checkpoint))
+    out = folder / "out"
+    run_recipe(linear_recipe(checkpoint), out=out)
+    return out
+
+
+def test_report_json_and_tables_carry_tail_and_throughput_intervals(tiny_run: Path) -> None:
+    from optimizer.measure.latency import summarize
+    from optimizer.report.rows import interval_text
+
+    report = json.loads((tiny_run / "report.json").read_text())
+    markdown = (tiny_run / "report.md").read_text()
+    page = (tiny_run / "report.html").read_text()
+    assert [s["name"] for s in report["stages"]] == ["baseline", "export"]
+    for stage in report["stages"]:
+        lat, thr = stage["latency"], stage["throughput"]
+        # The intervals in report.json are those of the saved raw times, and bracket their percentile.
+        again = summarize(np.load(tiny_run / stage["raw_latency_file"]))
+        for q in (90, 99):
+            interval = lat[f"p{q}_ci95_ms"]
+            assert interval == again[f"p{q}_ci95_ms"] and isinstance(lat[f"p{q}_unstable"], bool)
+            low, high = interval
+            assert low is not None and low <= lat[f"p{q}_ms"] and (high is None or lat[f"p{q}_ms"] <= high)
+        assert thr["trials"] == 3 and len(thr["trial_samples_per_s"]) == 3
+        low, high = thr["samples_per_s_ci95"]
+        assert low <= thr["samples_per_s"] <= high and isinstance(thr["unstable"], bool)
+        # Shown where p50's interval is shown: the stage table of report.md and report.html.
+        p99 = f"{lat['p99_ms']:.3f} ({interval_text(lat['p99_ci95_ms'], 3)})"
+        samples = f"{thr['samples_per_s']:.0f} ({interval_text(thr['samples_per_s_ci95'], 0)})"
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {stage['name']} |"))
+        assert p99 in row and samples in row
+        assert f"{lat['p99_ms']:.3f}" in page and f"<small>{interval_text(lat['p99_ci95_ms'], 3)}</small>" in page
+        assert f"<small>{interval_text(thr['samples_per_s_ci95'], 0)}</small>" in page
+    assert "| p90 ms (95% CI) | p99 ms (95% CI) |" in markdown and "samples/s (95% CI)" in markdown

@@ -165,7 +165,36 @@ def load_npz(spec: NpzData, base_dir: Path, seed: int, input_names: list[str], *
             inputs = {name: np.ascontiguousarray(archive[key][index]) for name, key in keys.items()}
     except ValueError as exc:  # object arrays need pickle, which we never allow
         raise InputRejected(f"{where}: {path} cannot be read without pickle ({exc}); save plain arrays") from None
+    if len(inputs) == 1:  # the recipe schema refuses image options with several inputs
+        name = next(iter(inputs))
+        inputs[name] = _prepare_npz_images(inputs[name], spec, where=f"{where} array {keys[name]!r}")
     return inputs, labels[index].astype(np.int64)
+
+
+def _prepare_npz_images(x: np.ndarray, spec: NpzData, *, where: str) -> np.ndarray:
+    """Apply the npz entry's layout and image options; without any, the array is returned as stored."""
+    if spec.layout == "nhwc":
+        if x.ndim != 4:
+            raise InputRejected(f"{where}: 'layout: nhwc' needs images of shape [N, H, W, C], the array has shape "
+                                f"{list(x.shape)}; drop 'layout' or save 4-dimensional images")
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if not spec.transforms_images():
+        return x
+    option = next(n for n in ("resize", "crop", "channels", "mean", "std") if getattr(spec, n) is not None)
+    if x.ndim == 3:
+        x = x[:, None]  # [N, H, W]: gray images without a channel axis
+    if x.ndim != 4:
+        raise InputRejected(f"{where}: '{option}' needs images of shape [N, C, H, W] or [N, H, W], the array has "
+                            f"shape {list(x.shape)}; drop the image options or save images")
+    if x.dtype == np.uint8:
+        # The same scale as the image data sets, so one mean/std serves both.
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    else:
+        raise InputRejected(f"{where}: '{option}' needs uint8 pixels or floats in [0, 1], the array is {x.dtype}; "
+                            "convert it before saving, or drop the image options")
+    return _normalize(_resize_crop(x, spec), spec, where=where)
 
 
 def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *, where: str) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from optimizer.measure.accuracy import Z95
 
 # When the 95 % interval of the median is wider than this share of the median, the figure is noise.
 UNSTABLE_RELATIVE_CI = 0.10
+# Two-sided 95 % quantiles of Student's t for 1..19 degrees of freedom (recipes allow at most 20 trials).
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093)
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,55 @@ def median_interval(sorted_values: np.ndarray) -> tuple[float, float]:
     return float(sorted_values[low - 1]), float(sorted_values[high - 1])
 
 
+def quantile_interval(sorted_values: np.ndarray, q: float,
+                      confidence: float = 0.95) -> tuple[float | None, float | None]:
+    """Distribution-free interval for the q-th percentile from order statistics, with exact Binomial ranks.
+
+    The number of times below the true percentile is Binomial(n, q/100), so the l-th and u-th smallest times
+    bracket it with probability P(l <= B < u); l and u leave at most (1 - confidence) / 2 on each side. A
+    bound no order statistic reaches at this confidence is None: the upper bound of a p99 needs
+    n >= 368, since even the largest of fewer times lies below the true p99 more than 2.5 % of the time.
+    """
+    n = len(sorted_values)
+    if n == 0:
+        return None, None
+    p = min(max(q / 100, 0.0), 1.0)
+    tail = (1 - confidence) / 2
+    cdf = _binomial_cdf(n, p)  # cdf[k] = P(B <= k), k = 0..n
+    # Largest l with P(B <= l - 1) <= tail, smallest u with P(B <= u - 1) >= 1 - tail.
+    below = np.flatnonzero(cdf[:n] <= tail)
+    above = np.flatnonzero(cdf[:n] >= 1 - tail)
+    low = float(sorted_values[below[-1]]) if len(below) else None
+    high = float(sorted_values[above[0]]) if len(above) else None
+    return low, high
+
+
+def _binomial_cdf(n: int, p: float) -> np.ndarray:
+    """P(B <= k) for k = 0..n, B ~ Binomial(n, p); the pmf in log space, so large n does not underflow."""
+    if p <= 0.0 or p >= 1.0:
+        return np.ones(n + 1) if p <= 0.0 else np.r_[np.zeros(n), 1.0]
+    k = np.arange(n)
+    log_ratio = np.log((n - k) / (k + 1)) + math.log(p / (1 - p))  # log pmf(k + 1) - log pmf(k)
+    log_pmf = n * math.log1p(-p) + np.r_[0.0, np.cumsum(log_ratio)]
+    cdf = np.cumsum(np.exp(log_pmf - log_pmf.max()))
+    return cdf / cdf[-1]
+
+
+def relative_width(interval: Sequence[float | None], value: float) -> float:
+    """Width of an interval as a share of its figure; infinite when a bound is missing."""
+    low, high = interval
+    if low is None or high is None:
+        return math.inf
+    return (high - low) / value if value > 0 else 0.0
+
+
 def summarize(times_ms: np.ndarray) -> dict:
     ordered = np.sort(times_ms)
     p50 = nearest_rank(ordered, 50)
     low, high = median_interval(ordered)
     mean = float(ordered.mean())
     std = float(ordered.std(ddof=1)) if len(ordered) > 1 else 0.0
-    return {
+    summary = {
         "p50_ms": p50,
         "p90_ms": nearest_rank(ordered, 90),
         "p99_ms": nearest_rank(ordered, 99),
@@ -75,6 +120,12 @@ def summarize(times_ms: np.ndarray) -> dict:
         "iterations": int(len(ordered)),
         "unstable": bool(p50 > 0 and (high - low) / p50 > UNSTABLE_RELATIVE_CI),
     }
+    for q in (90, 99):
+        interval = list(quantile_interval(ordered, q))
+        summary[f"p{q}_ci95_ms"] = interval
+        # The tail is judged like the median; too few times to bound it at all is unstable too.
+        summary[f"p{q}_unstable"] = bool(relative_width(interval, summary[f"p{q}_ms"]) > UNSTABLE_RELATIVE_CI)
+    return summary
 
 
 def warm_up(fn: Callable[[], object], seconds: float) -> int:
@@ -145,8 +196,11 @@ def time_trials(
         "trials": trials,
         "trial_p50_ms": trial_p50,
         "trial_spread": spread,
-        "unstable": bool(summary["unstable"] or (trials > 1 and spread > UNSTABLE_RELATIVE_CI)),
     })
+    # A machine that changed speed between trials makes every percentile suspect, not only the median.
+    drifted = trials > 1 and spread > UNSTABLE_RELATIVE_CI
+    for key in ("unstable", "p90_unstable", "p99_unstable"):
+        summary[key] = bool(summary[key] or drifted)
     return summary, raw_ms
 
 
@@ -158,21 +212,51 @@ def sweep_plan(plan: TimingPlan) -> TimingPlan:
                       min_duration_s=max(1.0, plan.min_duration_s / 3), max_duration_s=plan.max_duration_s / 3)
 
 
-def measure_throughput(fn: Callable[[], object], batch_size: int, plan: TimingPlan) -> dict:
-    """Offline scenario: samples per second = samples processed / wall time, after warm-up."""
+def mean_interval(values: Sequence[float]) -> tuple[float, float] | None:
+    """95 % Student-t interval of the mean of a few independent figures (None for fewer than two)."""
+    k = len(values)
+    if k < 2:
+        return None
+    mean = float(np.mean(values))
+    # Beyond the table t changes little; its last entry errs on the wide side.
+    half = T95[min(k - 1, len(T95)) - 1] * float(np.std(values, ddof=1)) / math.sqrt(k)
+    return mean - half, mean + half
+
+
+def measure_throughput(fn: Callable[[], object], batch_size: int, plan: TimingPlan, trials: int = 1) -> dict:
+    """Offline scenario: samples per second = samples processed / wall time, after warm-up.
+
+    The time is split into ``trials`` back-to-back blocks like the latency measurement; the blocks' own rates
+    give the figure a 95 % interval (Student's t across trials) and show drift within the measurement.
+    """
     warm_up(fn, min(plan.warmup_s, 1.0))
-    iterations = 0
-    start = time.perf_counter()
     min_iterations = 5 if plan.mode == "quick" else 20
-    while True:
-        fn()
-        iterations += 1
-        wall = time.perf_counter() - start
-        if (iterations >= min_iterations and wall >= plan.min_duration_s) or wall >= plan.max_duration_s:
-            break
+    share_iterations = max(2, math.ceil(min_iterations / trials))
+    counts: list[int] = []
+    walls: list[float] = []
+    for _ in range(trials):
+        iterations = 0
+        start = time.perf_counter()
+        while True:
+            fn()
+            iterations += 1
+            wall = time.perf_counter() - start
+            if ((iterations >= share_iterations and wall >= plan.min_duration_s / trials)
+                    or wall >= plan.max_duration_s / trials):
+                break
+        counts.append(iterations)
+        walls.append(wall)
+    rates = [count * batch_size / wall for count, wall in zip(counts, walls)]
+    samples_per_s = sum(counts) * batch_size / sum(walls)
+    interval = mean_interval(rates)
     return {
         "batch_size": batch_size,
-        "samples_per_s": iterations * batch_size / wall,
-        "iterations": iterations,
-        "wall_s": wall,
+        "samples_per_s": samples_per_s,
+        "iterations": sum(counts),
+        "wall_s": sum(walls),
+        "trials": trials,
+        "trial_samples_per_s": rates,
+        "samples_per_s_ci95": list(interval) if interval else None,
+        # One trial gives no interval and so no evidence either way; like p50's rule otherwise.
+        "unstable": bool(interval is not None and relative_width(interval, samples_per_s) > UNSTABLE_RELATIVE_CI),
     }

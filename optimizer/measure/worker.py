@@ -88,7 +88,8 @@ def measure(request: dict) -> dict:
 
     throughput_size = fixed or request["latency"]["throughput_batch_size"]
     throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
-    throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan)
+    throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan,
+                                    int(spec.get("trials", 1)))
     _progress("throughput", 1.0)
 
     sweep = []

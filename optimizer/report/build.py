@@ -66,7 +66,10 @@ def stage_record(
         record.update({
             "accuracy": metrics["accuracy"],
             "latency": latency,
-            "throughput": {k: metrics["throughput"][k] for k in ("batch_size", "samples_per_s", "iterations", "wall_s")},
+            # The interval and trial keys are absent from measurements made before they existed.
+            "throughput": {k: v for k, v in metrics["throughput"].items()
+                           if k in ("batch_size", "samples_per_s", "iterations", "wall_s", "trials",
+                                    "trial_samples_per_s", "samples_per_s_ci95", "unstable")},
             "load_s": metrics["load_s"],
             "first_inference_ms": metrics["first_inference_ms"],
             "runtime": metrics["runtime"],

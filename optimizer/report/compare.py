@@ -16,13 +16,13 @@ from optimizer.report import charts
 from optimizer.report.html import cell_html, environment_rows, page
 from optimizer.report.markdown import md, table
 from optimizer.report.render import load_report
-from optimizer.report.rows import Cell, accuracy_delta_cell, speed_cell
+from optimizer.report.rows import Cell, accuracy_delta_cell, percentile_cell, speed_cell, throughput_cell
 from optimizer.report.svg import esc
 from optimizer.report.verdict import Recommendation, latency_differs, measured, pareto_front, verdict
 from optimizer.report.write import write_atomic
 
 COLUMNS = ["run", "stage", "form", "precision", "size MB", "top-1 % (95% CI)", "Δ top-1 vs run base",
-           "p50 ms (95% CI)", "p99 ms", "speedup vs run base", "samples/s", "status"]
+           "p50 ms (95% CI)", "p99 ms (95% CI)", "speedup vs run base", "samples/s (95% CI)", "status"]
 
 
 def run_labels(run_dirs: Sequence[Path], reports: Sequence[dict[str, Any]]) -> list[str]:
@@ -73,16 +73,13 @@ def _rows(labels: Sequence[str], reports: Sequence[dict[str, Any]],
         for s in report.get("stages") or []:
             if "accuracy" in s and "latency" in s:
                 acc, lat = s["accuracy"], s["latency"]
-                thr = (s.get("throughput") or {}).get("samples_per_s")
                 cells = [
                     Cell(label), Cell(s["name"]), Cell(s.get("form") or "–"), Cell(s.get("precision") or "–"),
                     Cell(f"{s['size_bytes'] / 1e6:.2f}") if s.get("size_bytes") else Cell("–"),
                     Cell(f"{acc['value'] * 100:.2f}", f"{acc['ci95'][0] * 100:.2f}–{acc['ci95'][1] * 100:.2f}"),
                     accuracy_delta_cell(s.get("vs_baseline")),
-                    Cell(f"{lat['p50_ms']:.3f}", f"{lat['p50_ci95_ms'][0]:.3f}–{lat['p50_ci95_ms'][1]:.3f}",
-                         "unstable" if lat.get("unstable") else ""),
-                    Cell(f"{lat['p99_ms']:.3f}"), speed_cell(s.get("vs_baseline")),
-                    Cell(f"{thr:.0f}") if thr is not None else Cell("–"), Cell(s.get("status", "?")),
+                    percentile_cell(lat, 50), percentile_cell(lat, 99), speed_cell(s.get("vs_baseline")),
+                    throughput_cell(s.get("throughput")), Cell(s.get("status", "?")),
                 ]
             else:
                 cells = [Cell(label), Cell(s["name"]), Cell(s.get("form") or "–")]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from optimizer.measure.environment import describe_gpu
 from optimizer.report import charts
 from optimizer.report.rows import (
     BETTER, COLUMNS, NOT_SIGNIFICANT, UNSTABLE, WORSE, Cell, notes, previous_change, stage_cells,
@@ -98,7 +99,7 @@ def cell_html(cell: Cell) -> str:
 
 
 # Left out of the page's table so that it fits a laptop screen; report.md and report.json keep them.
-_HIDDEN = {"params", "p90 ms"}
+_HIDDEN = {"params", "p90 ms (95% CI)"}
 
 
 def _stage_table(report: dict[str, Any], recommended: str | None) -> str:
@@ -151,8 +152,10 @@ def _tiles(verdict_: Verdict, baseline: dict[str, Any]) -> str:
                       f"{stage['size_bytes'] / 1e6:.2f} MB vs {baseline['size_bytes'] / 1e6:.2f} MB"))
     thr, ref_thr = stage.get("throughput") or {}, baseline.get("throughput") or {}
     if thr.get("samples_per_s") and ref_thr.get("samples_per_s"):
+        interval = thr.get("samples_per_s_ci95")
+        span = f" ({interval[0]:,.0f}–{interval[1]:,.0f})" if interval else ""
         tiles.append(("", f"{thr['samples_per_s'] / ref_thr['samples_per_s']:.2f}×", "throughput",
-                      f"{thr['samples_per_s']:,.0f} samples/s at batch {thr.get('batch_size', '?')}"))
+                      f"{thr['samples_per_s']:,.0f}{span} samples/s at batch {thr.get('batch_size', '?')}"))
     return '<div class="tiles">' + "".join(
         f'<div class="tile {css}"><b>{esc(big)}</b><span>{esc(what)}</span><small>{esc(detail)}</small></div>'
         for css, big, what, detail in tiles) + "</div>"
@@ -337,6 +340,7 @@ def environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
     """The environment as (label, value) rows; keys a report lacks are left out."""
     packages = env.get("packages") or {}
     load = env.get("load_average")
+    revision = env.get("toolkit_revision")
     rows = [
         ("CPU", env.get("cpu")),
         ("CPU flags", ", ".join(env.get("cpu_flags") or []) or "none of the tracked ones"),
@@ -347,8 +351,12 @@ def environment_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
         ("load average (1, 5, 15 min)", ", ".join(f"{v:.2f}" for v in load) if load else None),
         ("OS / machine", " / ".join(str(v) for v in (env.get("os"), env.get("machine")) if v) or None),
         ("host", env.get("hostname")),
+        # A report from before GPUs were recorded lacks the key; one that looked and found none says so.
+        ("GPU", (describe_gpu(env["gpu"]) if env["gpu"] else "none found") if "gpu" in env else None),
         ("Python", env.get("python")),
         ("packages", ", ".join(f"{k} {v}" for k, v in packages.items() if v) or None),
+        ("optimizer revision", f"{revision['commit']}{' (files modified since)' if revision.get('modified') else ''}"
+         if revision else None),
         ("recorded", env.get("timestamp")),
     ]
     return [(k, str(v)) for k, v in rows if v not in (None, "")]

@@ -12,8 +12,8 @@ from typing import Any
 from optimizer.measure.latency import TimingPlan
 
 COLUMNS = ["stage", "pass", "form", "precision", "size MB", "params", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base",
-           "Δ top-1 vs prev", "p50 ms (95% CI)", "p90 ms", "p99 ms", "speedup vs base", "speedup vs prev", "samples/s",
-           "status"]
+           "Δ top-1 vs prev", "p50 ms (95% CI)", "p90 ms (95% CI)", "p99 ms (95% CI)", "speedup vs base",
+           "speedup vs prev", "samples/s (95% CI)", "status"]
 
 # Marks on a cell: a significant improvement or regression, a change that is not significant, a figure
 # too noisy to trust.
@@ -35,6 +35,43 @@ class Cell:
 
 
 DASH = Cell("–")
+
+
+def interval_text(interval: list[float | None], digits: int) -> str:
+    """``low–high``; a bound that no order statistic reaches (too few iterations) shows as 0 or ∞."""
+    low, high = interval
+    return (f"{'0' if low is None else f'{low:.{digits}f}'}–"
+            f"{'∞' if high is None else f'{high:.{digits}f}'}")
+
+
+def percentile_cell(lat: dict[str, Any], q: int) -> Cell:
+    """p50, p90 or p99 with its 95 % interval and the unstable mark; a report from before the tail intervals
+    existed shows the bare figure."""
+    value = lat.get(f"p{q}_ms")
+    if value is None:
+        return DASH
+    interval = lat.get(f"p{q}_ci95_ms")
+    if not interval:
+        return Cell(f"{value:.3f}")
+    unstable = bool(lat.get("unstable" if q == 50 else f"p{q}_unstable"))
+    # The median's interval always has both bounds; a tail's may not, with few iterations.
+    why = ("the 95 % interval of the median is wider than 10 % of it" if q == 50 else
+           f"the 95 % interval of the p{q} is wider than 10 % of it or has no bound (too few iterations)")
+    why += ", or the trials' medians spread by more than 10 %"
+    return Cell(f"{value:.3f}", interval_text(interval, 3), "unstable" if unstable else "",
+                mark=UNSTABLE if unstable else None, title=why if unstable else None)
+
+
+def throughput_cell(throughput: dict[str, Any] | None) -> Cell:
+    """Samples per second with the 95 % interval across trials, when there were several."""
+    value = (throughput or {}).get("samples_per_s")
+    if value is None:
+        return DASH
+    interval = throughput.get("samples_per_s_ci95")
+    unstable = bool(throughput.get("unstable"))
+    return Cell(f"{value:.0f}", interval_text(interval, 0) if interval else "", "unstable" if unstable else "",
+                mark=UNSTABLE if unstable else None,
+                title="the 95 % interval across trials is wider than 10 % of the figure" if unstable else None)
 
 
 def _pct(value: float) -> str:
@@ -85,8 +122,6 @@ def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
             acc = s["accuracy"]
             lat = s["latency"]
             low, high = acc["ci95"]
-            p_low, p_high = lat["p50_ci95_ms"]
-            throughput = (s.get("throughput") or {}).get("samples_per_s")
             row = [
                 Cell(s["name"]), Cell(s.get("pass") or "–"), Cell(s.get("form") or "–"),
                 Cell(s.get("precision") or "–"),
@@ -96,12 +131,9 @@ def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
                 Cell(_pct(acc["value"]), f"{_pct(low)}–{_pct(high)}"),
                 accuracy_delta_cell(s.get("vs_baseline")),
                 accuracy_delta_cell(previous_change(s, ok_before == 1)),
-                Cell(f"{lat['p50_ms']:.3f}", f"{p_low:.3f}–{p_high:.3f}", "unstable" if lat.get("unstable") else "",
-                     mark=UNSTABLE if lat.get("unstable") else None,
-                     title="the 95 % interval of the median is wider than 10 % of it" if lat.get("unstable") else None),
-                Cell(f"{lat['p90_ms']:.3f}"), Cell(f"{lat['p99_ms']:.3f}"),
+                percentile_cell(lat, 50), percentile_cell(lat, 90), percentile_cell(lat, 99),
                 speed_cell(s.get("vs_baseline")), speed_cell(s.get("vs_previous")),
-                Cell(f"{throughput:.0f}") if throughput is not None else DASH,
+                throughput_cell(s.get("throughput")),
                 Cell(s["status"], mark=None if s["status"] == "ok" else WORSE),
             ]
         else:
@@ -137,6 +169,13 @@ def notes(report: dict[str, Any]) -> list[str]:
             "A speedup marked (n.s.) is not significant: the 95 % intervals of the medians overlap "
             "or one side is unstable."
         )
+        if "p99_ci95_ms" in lat:
+            trials = (base.get("throughput") or {}).get("trials")
+            out.append(
+                "The intervals of p50, p90 and p99 are distribution-free, from order statistics (∞: too few "
+                "iterations to bound that percentile from above); the interval of samples/s is Student's t across "
+                f"the {trials or '?'} throughput trials (none with a single trial)."
+            )
         if any((s.get("vs_baseline") or {}).get("accuracy_test") for s in stages):
             out.append("Δ top-1 is in points; p is McNemar's exact test on the per-sample results of the same eval "
                        "set (n.s.: p ≥ 0.05, the change may be chance).")

@@ -8,7 +8,7 @@ from optimizer.report.rows import COLUMNS, notes, stage_rows
 
 # The terminal is narrow: leave out the columns the Markdown report still has.
 _SHOWN = ["stage", "form", "precision", "size MB", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base", "p50 ms (95% CI)",
-          "p99 ms", "speedup vs base", "samples/s", "status"]
+          "p99 ms (95% CI)", "speedup vs base", "samples/s (95% CI)", "status"]
 
 
 def stage_table(report: dict[str, Any]):

@@ -174,7 +174,10 @@ def cost_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str | None
     parts = []
     thr, ref_thr = stage.get("throughput") or {}, baseline.get("throughput") or {}
     if thr.get("samples_per_s") and ref_thr.get("samples_per_s"):
-        parts.append(f"throughput {thr['samples_per_s']:,.0f} samples/s at batch {thr.get('batch_size', '?')} "
+        interval = thr.get("samples_per_s_ci95")
+        span = f" (95 % CI {interval[0]:,.0f}–{interval[1]:,.0f}{', unstable' if thr.get('unstable') else ''})" \
+            if interval else ""
+        parts.append(f"throughput {thr['samples_per_s']:,.0f} samples/s{span} at batch {thr.get('batch_size', '?')} "
                      f"({thr['samples_per_s'] / ref_thr['samples_per_s']:.2f}× the baseline)")
     if stage.get("size_bytes") and baseline.get("size_bytes"):
         parts.append(f"size {stage['size_bytes'] / 1e6:.2f} MB ({stage['size_bytes'] / baseline['size_bytes']:.2f}× "
