@@ -5,6 +5,7 @@ that lack the optional fields."""
 from __future__ import annotations
 
 import copy
+import html
 import json
 import os
 import re
@@ -360,6 +361,49 @@ def _screenshot(page: Path, png: Path, *, height: int = 2400) -> list[str]:
     return [line for line in result.stderr.splitlines() if re.search(r"CONSOLE[(:]", line)]
 
 
+# Appended to a copy of the page: measures the stage table after layout and writes the figures into the
+# DOM, where --dump-dom prints them. The copy drops the page's no-script policy; the policy does not
+# change layout, and the page itself is still checked with it in place by the screenshot tests.
+_LAYOUT_SCRIPT = """<script>
+const table = document.querySelector('table.stages'), box = table.parentElement;
+const out = document.createElement('pre');
+out.id = 'layout';
+out.textContent = JSON.stringify({viewport: window.innerWidth, page: document.documentElement.scrollWidth,
+  table: table.getBoundingClientRect().width, table_scroll: table.scrollWidth, box: box.clientWidth,
+  box_scroll: box.scrollWidth, stage_name_lines: [...table.querySelectorAll('tbody td:first-child')].map(td => {
+    const range = document.createRange();
+    range.selectNodeContents(td.firstChild);
+    return range.getClientRects().length;
+  })});
+document.body.appendChild(out);
+</script>"""
+
+
+def _stage_table_layout(page: Path, work: Path, *, width: int) -> dict[str, Any]:
+    """Widths (CSS px) of the stage table, its scrolling wrapper, the viewport and the page, in headless
+    Chromium at ``width`` px."""
+    binary = _chromium()
+    text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page.read_text())
+    probe = work / f"layout-{width}.html"
+    probe.write_text(text.replace("</body>", _LAYOUT_SCRIPT + "</body>"))
+    result = subprocess.run(
+        [binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+         "--hide-scrollbars", f"--user-data-dir={work / f'.chromium-layout-{width}'}", f"--window-size={width},900",
+         "--dump-dom", probe.resolve().as_uri()],
+        capture_output=True, text=True, timeout=180,
+    )
+    found = re.search(r'<pre id="layout">(.*?)</pre>', result.stdout, flags=re.S)
+    assert found, f"no measurement in the dumped DOM (exit {result.returncode}): {result.stderr[-2000:]}"
+    return json.loads(html.unescape(found[1]))
+
+
+def _assert_stage_table_fits(layout: dict[str, Any], width: int) -> None:
+    assert layout["viewport"] == width, layout             # measured at the width asked for
+    assert layout["table"] <= layout["box"] + 0.5, layout  # the table does not overflow its wrapper...
+    assert layout["box_scroll"] <= layout["box"], layout   # ...so the wrapper has nothing to scroll
+    assert layout["page"] <= width, layout                 # and the page does not scroll sideways
+
+
 def _assert_not_blank(png: Path, width: int, height: int) -> None:
     from PIL import Image
 
@@ -401,6 +445,7 @@ def test_real_report_loads_in_chromium_without_console_errors(quickstart_report:
     assert messages == [], "console messages:\n" + "\n".join(messages)
     assert png.stat().st_size > 50_000
     _assert_not_blank(png, 1280, 2400)
+    _assert_stage_table_fits(_stage_table_layout(page, tmp_path, width=1280), 1280)
     keep = os.environ.get("REPORT_SCREENSHOT_DIR")  # CI can keep the picture as a build artifact
     if keep:
         Path(keep).mkdir(parents=True, exist_ok=True)
@@ -414,6 +459,55 @@ def test_synthetic_report_with_every_section_loads_in_chromium(tmp_path: Path) -
     messages = _screenshot(run / "report.html", png, height=4000)
     assert messages == [], "console messages:\n" + "\n".join(messages)
     _assert_not_blank(png, 1280, 4000)
+
+
+def widest_report() -> dict[str, Any]:
+    """Six stages with every cell at its widest: tail and throughput intervals (some without an upper
+    bound), the unstable mark everywhere, six-digit throughputs, gigabyte sizes, a long custom pass name."""
+    report = synthetic_report(optional=True)
+    for name in ("reconstruct", "distill"):
+        extra = copy.deepcopy(report["stages"][3])
+        extra.update(name=name, raw_latency_file=f"measurements/{name}/latency_ms.npy")
+        report["stages"].append(extra)
+    for k, stage in enumerate(report["stages"]):
+        lat, thr = stage["latency"], stage["throughput"]
+        for key in ("p50_ms", "p90_ms", "p99_ms"):
+            lat[key] *= 10.37
+        lat["p50_ci95_ms"] = [lat["p50_ms"] * 0.99, lat["p50_ms"] * 1.01]
+        for q in (90, 99):
+            lat[f"p{q}_ci95_ms"] = [lat[f"p{q}_ms"] * 0.97, None if k % 2 else lat[f"p{q}_ms"] * 1.3]
+            lat[f"p{q}_unstable"] = True
+        lat["unstable"] = True
+        thr.update(samples_per_s=123_456.0 + k, samples_per_s_ci95=[118_765.0, 128_765.0], unstable=True, trials=3)
+        stage.update(size_bytes=1_234_560_000, macs=123_456_700_000)
+    report["stages"][4]["pass"] = "python:my_company.passes:ChannelShuffle"
+    return report
+
+
+def test_html_stage_table_folds_form_and_precision_under_the_pass() -> None:
+    page = render_html(widest_report())
+    table = re.search(r'<table class="stages">.*?</table>', page, flags=re.S)[0]
+    heads = re.findall(r'<th scope="col">(.*?)</th>', table)
+    assert heads[:2] == ["stage", "pass<small>form · precision</small>"]
+    assert "p50 ms<small>95% CI</small>" in heads and "speedup<small>vs base</small>" in heads
+    assert not any(h.startswith(("form", "precision", "params", "p90")) for h in heads)
+    assert all(len(re.findall(r"<td\b", row)) == len(heads) for row in re.findall(r"<tr\b.*?</tr>", table)[1:])
+    assert "<td>quantize.<wbr>nncf<small>onnx · int8</small></td>" in table
+    # A long custom pass name may wrap after its dots and colons.
+    assert "python:<wbr>my_company.<wbr>passes:<wbr>ChannelShuffle" in table
+    markdown = render_markdown(widest_report())
+    assert "| stage | pass | form | precision |" in markdown   # report.md keeps every column
+
+
+def test_stage_table_fits_a_laptop_screen_in_chromium(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "run", widest_report())
+    rerender(run)
+    layout = _stage_table_layout(run / "report.html", tmp_path, width=1280)
+    _assert_stage_table_fits(layout, 1280)
+    assert layout["stage_name_lines"] == [1] * 6, layout   # fitted by wrapping titles, not stage names
+    # The measurement sees an overflow where there is one: on a phone-sized screen the wrapper scrolls.
+    narrow = _stage_table_layout(run / "report.html", tmp_path, width=600)  # Chromium's narrowest is 500
+    assert narrow["box_scroll"] > narrow["box"] and narrow["page"] <= 600, narrow
 
 
 # ------------------------------------------------------------------------- intervals of tails and throughput

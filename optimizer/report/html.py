@@ -9,6 +9,7 @@ logged.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,10 +52,14 @@ p{margin:.4rem 0}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;font-size:.82rem;font-variant-numeric:tabular-nums}
 th,td{border-bottom:1px solid var(--line);padding:.3rem .4rem;text-align:right;vertical-align:top}
-.stages th{min-width:3.6rem}
 th{background:var(--bg);font-weight:600;border-top:1px solid var(--line)}
-.stages th:nth-child(-n+4),.stages td:nth-child(-n+4){text-align:left}
-td small{display:block;color:var(--muted);font-size:.72rem;white-space:nowrap}
+.stages{font-size:.78rem}
+.stages th{min-width:3.6rem}
+.stages th:nth-child(-n+2),.stages td:nth-child(-n+2){text-align:left}
+.stages td:first-child{overflow-wrap:break-word}
+table.compare th:nth-child(-n+4),table.compare td:nth-child(-n+4){text-align:left}
+td small,th small{display:block;color:var(--muted);font-size:.72rem;white-space:nowrap}
+th small{font-weight:400}
 tr.failed td{background:#fdf3f2}
 tr.rec td:first-child{font-weight:700}
 tr.rec td:first-child::after{content:" ★";color:var(--good)}
@@ -100,11 +105,33 @@ def cell_html(cell: Cell) -> str:
 
 # Left out of the page's table so that it fits a laptop screen; report.md and report.json keep them.
 _HIDDEN = {"params", "p90 ms (95% CI)"}
+# Shown on a second line under the pass, not as columns of their own: two short words that would each
+# cost a column's width and padding (report.md keeps them as columns).
+_FOLDED = ("form", "precision")
+
+
+def _pass_html(cells: list[Cell]) -> str:
+    """The pass with the stage's form and precision under it. A long name ('python:module:Class') may
+    wrap after its dots and colons rather than widen the table."""
+    name = esc(cells[COLUMNS.index("pass")].value).replace(".", ".<wbr>").replace(":", ":<wbr>")
+    what = " · ".join(v for v in (cells[COLUMNS.index(c)].value for c in _FOLDED) if v != "–")
+    return f"<td>{name}<small>{esc(what)}</small></td>" if what else f"<td>{name}</td>"
+
+
+def _column_title(column: str) -> str:
+    """A column title with its qualifier ('95% CI', 'vs base') on a second, smaller line: on one line the
+    titles, not the figures, would set the widths of most columns."""
+    if column == "pass":
+        return f"pass<small>{' · '.join(_FOLDED)}</small>"
+    found = re.fullmatch(r"(.+?) (?:\((.+)\)|(vs .+))", column)
+    if not found:
+        return esc(column)
+    return f"{esc(found[1])}<small>{esc(found[2] or found[3])}</small>"
 
 
 def _stage_table(report: dict[str, Any], recommended: str | None) -> str:
-    shown = [i for i, c in enumerate(COLUMNS) if c not in _HIDDEN]
-    head = "".join(f'<th scope="col">{esc(COLUMNS[i])}</th>' for i in shown)
+    shown = [i for i, c in enumerate(COLUMNS) if c not in _HIDDEN and c not in _FOLDED]
+    head = "".join(f'<th scope="col">{_column_title(COLUMNS[i])}</th>' for i in shown)
     body = []
     for stage, cells in zip(report["stages"], stage_cells(report)):
         row = [cells[i] for i in shown]
@@ -115,7 +142,9 @@ def _stage_table(report: dict[str, Any], recommended: str | None) -> str:
             classes.append("rec")
         css = f' class="{" ".join(classes)}"' if classes else ""
         # The stage name cell stays a plain <td>: its text is the stage name, nothing else.
-        body.append(f"<tr{css}><td>{esc(row[0].value)}</td>" + "".join(cell_html(c) for c in row[1:]) + "</tr>")
+        body.append(f"<tr{css}><td>{esc(row[0].value)}</td>{_pass_html(cells)}"
+                    + "".join(cell_html(c) for c in row[2:]) + "</tr>")
+    # The wrapper scrolls only on screens narrower than a laptop's; at 1280 px the table fits.
     return (f'<div class="scroll"><table class="stages"><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
