@@ -134,6 +134,18 @@ def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tm
     assert whole.timed == 1 and whole.reused == 0
 
 
+def test_openvino_int8_table_times_a_block_on_its_real_inputs(tmp_path: Path, monkeypatch) -> None:
+    # The timing worker binds each block's recorded inputs to an OpenVINO request; a tensor sharing the memory
+    # of an array nobody kept alive crashed the worker (segmentation fault) on MobileNetV2 blocks.
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(TableBuilder, "BUSY", float("inf"))
+    builder = TableBuilder(Target.here("openvino", "int8", 1), LatencyCache(tmp_path / "tables"), "test")
+    args = (torch.randn(1, 16, 14, 14),)
+    times = builder.times([("wide", Block().eval(), args), ("narrow", Block(hidden=32).eval(), args)],
+                          lambda *a: None)
+    assert builder.timed == 2 and all(t > 0 for t in times.values())
+
+
 def test_figures_timed_on_a_busy_machine_are_not_cached(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(TableBuilder, "BUSY", -1.0)  # any load counts as busy
     cache = LatencyCache(tmp_path / "tables")

@@ -76,7 +76,9 @@ def _openvino_runner(model_path: Path, inputs: dict[str, np.ndarray], threads: i
     request = compiled.create_infer_request()
     for port in compiled.inputs:
         name = port.get_any_name()
-        request.set_tensor(name, ov.Tensor(np.ascontiguousarray(inputs[name]), shared_memory=True))
+        # A copy: a tensor sharing the array's memory does not keep the array alive, and nothing else here does
+        # (the request outlives this function), so a shared tensor would read freed memory (a crash, seen).
+        request.set_tensor(name, ov.Tensor(np.array(inputs[name], copy=True, order="C")))
     return request.infer
 
 
