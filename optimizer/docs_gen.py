@@ -175,7 +175,7 @@ class _Writer:
         """The path of the section documenting $defs ``name``; queued when not written yet.
 
         A member of a tagged union (a data set) is named by its tag, ``dataset: npz``, since the same
-        kinds serve several fields (data.eval, data.calibration, data.train)."""
+        kinds serve several fields (data.eval, data.calibration, data.train, data.validation)."""
         if name in self.documented:
             return self.documented[name]
         target = path

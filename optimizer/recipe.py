@@ -211,6 +211,11 @@ class DataSection(StrictModel):
     eval: DatasetSpec = Field(description="Evaluation data: accuracy of every stage is measured on it.")
     calibration: DatasetSpec | None = Field(default=None, description="Calibration data for quantization.")
     train: DatasetSpec | None = Field(default=None, description="Training data for distillation and fine-tuning.")
+    validation: DatasetSpec | None = Field(
+        default=None,
+        description="Held-out data for choices a pass makes by accuracy (quantize.nncf's accuracy control), so the "
+        "eval figure stays unbiased; without it, accuracy control uses calibration samples calibration does not use.",
+    )
 
 
 # -------------------------------------------------------------------------------------------- evaluate

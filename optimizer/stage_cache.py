@@ -278,7 +278,7 @@ def common_key_parts(loaded: "LoadedRecipe") -> dict[str, Any]:
     hardware. Computed once per run."""
     recipe = loaded.recipe
     data: dict[str, Any] = {}
-    for split in ("eval", "calibration", "train"):
+    for split in ("eval", "calibration", "train", "validation"):
         spec = getattr(recipe.data, split)
         if spec is None:
             continue

@@ -374,6 +374,9 @@ class _RecordingData:
     def train(self):
         return self.get("train")
 
+    def validation(self):
+        return self.get("validation")
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._provider, name)
 

@@ -117,6 +117,10 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
             if getattr(recipe.data, need) is None:
                 raise RecipeError(f"stages.{index} ({stage.name}): pass '{pass_cls.name}' needs data.{need}; add it")
             needs.add(need)
+    # No pass requires data.validation (accuracy control falls back to held-out calibration samples), so it is
+    # checked whenever the recipe gives it: a wrong path must fail here, not halfway through a run.
+    if recipe.data.validation is not None:
+        needs.add("validation")
     checks.append(Check("forms", " -> ".join(chain)))
 
     for split in sorted(needs):

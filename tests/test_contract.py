@@ -53,7 +53,8 @@ def test_quantize_ort_keeps_the_contract(example_run, exported: Path) -> None:
     _, recipe = example_run
     report = check_pass(get_pass("quantize.ort"), {"subset_size": 64}, source=exported, data=recipe)
     assert report.ok and report.checked == list(RULES)
-    assert report.result("declared-data").detail == "read calibration"
+    # Calibration to quantize, eval for the agreement gate with the FP32 input (eval is always allowed).
+    assert report.result("declared-data").detail == "read calibration, eval"
     # Without work_dir the runs happen in a temporary folder that is removed afterwards.
     assert report.output is not None and not report.output.path.exists()
 

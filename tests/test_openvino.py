@@ -101,7 +101,37 @@ def test_fp32_openvino_matches_onnx_and_nncf_quantizes_the_ir(fp32_run) -> None:
     assert int8["form"] == "openvino" and int8["precision"] == "int8"
     assert int8["details"]["quantization"]["fake_quantize_nodes"] > 0
     assert export["accuracy"]["value"] - int8["accuracy"]["value"] <= 0.01
+    # Its agreement gate compared the IR with the FP32 IR, both on OpenVINO.
+    fidelity = int8["details"]["fidelity"]
+    assert fidelity["reference"] == "the FP32 input (openvino)" and fidelity["top1_agreement"] >= 0.97
     assert int8["runtime"]["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
+
+
+def test_accuracy_control_on_the_ir_names_the_operations_it_reverted(example_checkpoint: Path, tmp_path: Path) -> None:
+    """The IR path of accuracy control (the MiniLM recipe's): calibration images at half the model's scale make
+    plain INT8 lose points on data.validation; the operations NNCF gives back to float are named, and they
+    are float in the IR deployed."""
+    stages = [
+        {"name": "export", "pass": "export.onnx"},
+        {"name": "openvino", "pass": "compile.openvino", "with": {"precision_hint": "f32"}},
+        {"name": "int8", "pass": "quantize.nncf",
+         "with": {"subset_size": 300, "max_drop": 0.01, "accuracy_control_samples": 500}},
+    ]
+    recipe = openvino_recipe(example_checkpoint, stages, eval_samples=500)
+    recipe["data"]["calibration"]["std"] = [0.706]
+    recipe["data"]["validation"] = {"dataset": "fashion-mnist", "split": "train", "samples": 500,
+                                    "mean": [0.2860], "std": [0.3530]}
+    report = run_recipe(recipe, out=tmp_path / "o")
+    control = report.stage("int8")["details"]["accuracy_control"]
+    assert control["plain_int8_drop"] > 0.03 and control["controlled_drop"] <= 0.01
+    assert control["reverted"] and all(r["type"] == "Convolution" for r in control["reverted"])
+    import openvino as ov
+
+    from optimizer.passes.accuracy_control import quantized_operations
+
+    ir = ov.Core().read_model(str(tmp_path / "o" / "final" / "model.xml"))
+    remaining = quantized_operations(ir)
+    assert remaining and not {r["name"] for r in control["reverted"]} & set(remaining)
 
 
 def test_offline_measurement_uses_a_throughput_hinted_model(fp32_run) -> None:

@@ -307,6 +307,12 @@ def test_missing_data_folder_is_reported(recipe_file, tmp_path):
     assert "data.eval" in message and "no-such-folder" in message
 
 
+def test_missing_validation_data_is_reported_although_no_pass_requires_it(recipe_file, tmp_path):
+    missing = tmp_path / "no-such.npz"
+    message = recipe_error(recipe_file, overrides=[f'data.validation={{"dataset": "npz", "path": "{missing}"}}'])
+    assert "data.validation.path" in message and "no-such.npz" in message
+
+
 def test_python_tag_is_refused_and_never_runs(tmp_path, weights):
     marker = tmp_path / "MARKER"
     for n, tag in enumerate([

@@ -8,7 +8,7 @@ from optimizer.data.datasets import ArrayData, load_dataset
 from optimizer.errors import RecipeError
 from optimizer.recipe import InputSpec, LoadedRecipe
 
-Split = Literal["eval", "calibration", "train"]
+Split = Literal["eval", "calibration", "train", "validation"]
 
 
 class DataProvider:
@@ -42,3 +42,6 @@ class DataProvider:
 
     def train(self) -> ArrayData:
         return self.get("train")
+
+    def validation(self) -> ArrayData:
+        return self.get("validation")

@@ -44,8 +44,9 @@ def refuse_quantized(model: "onnx.ModelProto", *, stage: str) -> None:
                           "quantize the float model instead")
 
 
-def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str) -> list[dict[str, np.ndarray]]:
-    """``count`` single-sample inputs drawn with the seed; fewer available is an error, never silent."""
+def calibration_indices(data: "ArrayData", count: int, seed: int, *, stage: str) -> np.ndarray:
+    """Sorted indices of the ``count`` calibration samples drawn with the seed; fewer available is an error,
+    never silent. Accuracy control holds out the others."""
     if len(data) == 0:
         raise InputRejected(f"stage '{stage}': the calibration set is empty")
     if count > len(data):
@@ -53,5 +54,14 @@ def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str)
             f"stage '{stage}': asks for {count} calibration samples but data.calibration has {len(data)}; "
             "lower subset_size or add samples"
         )
-    index = np.sort(np.random.default_rng(seed).choice(len(data), size=count, replace=False))
+    return np.sort(np.random.default_rng(seed).choice(len(data), size=count, replace=False))
+
+
+def single_samples(data: "ArrayData", index: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """One input mapping per index, each a batch of one."""
     return [{name: array[i : i + 1] for name, array in data.inputs.items()} for i in index]
+
+
+def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str) -> list[dict[str, np.ndarray]]:
+    """``count`` single-sample inputs drawn with the seed (see calibration_indices)."""
+    return single_samples(data, calibration_indices(data, count, seed, stage=stage))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from optimizer.artifact import Artifact
-from optimizer.errors import GateFailed, StageError, first_line
+from optimizer.errors import StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
-from optimizer.passes.onnx_io import calibration_samples, load_onnx, refuse_quantized, save_onnx
+from optimizer.passes.int8_agreement import check_top1_agreement, min_top1_agreement_field, verify_samples_field
+from optimizer.passes.onnx_io import calibration_indices, load_onnx, refuse_quantized, save_onnx, single_samples
 
 
 class IgnoredScopeConfig(BaseModel):
@@ -32,12 +32,17 @@ class QuantizeNncfConfig(PassConfig):
     ignored_scope: IgnoredScopeConfig = Field(default_factory=IgnoredScopeConfig)
     max_drop: float | None = Field(
         default=None, gt=0, le=1,
-        description="With a value, nncf.quantize_with_accuracy_control keeps the top-1 drop on the eval "
-        "data within it (absolute fraction), reverting layers to float as needed.",
+        description="With a value, nncf.quantize_with_accuracy_control keeps the top-1 drop within it (absolute "
+        "fraction), reverting operations to float as needed. The drop is measured on data.validation or, without "
+        "it, on data.calibration samples that calibration does not use; never on data.eval, which only reports.",
     )
     accuracy_control_samples: int = Field(
-        default=1000, ge=10, description="Eval samples used by accuracy control (it runs the model many times)."
+        default=1000, ge=10,
+        description="Validation samples accuracy control uses (it runs the model many times); fewer when fewer "
+        "are held out.",
     )
+    verify_samples: int = verify_samples_field()
+    min_top1_agreement: float = min_top1_agreement_field()
 
 
 class QuantizeNncf(Pass):
@@ -64,8 +69,9 @@ class QuantizeNncf(Pass):
             import logging
 
             nncf.set_log_level(logging.ERROR)
-        items = calibration_samples(ctx.data.calibration(), cfg.subset_size, ctx.seed, stage=ctx.stage)
-        calibration = nncf.Dataset(items)
+        calibration_data = ctx.data.calibration()
+        calibration_index = calibration_indices(calibration_data, cfg.subset_size, ctx.seed, stage=ctx.stage)
+        calibration = nncf.Dataset(single_samples(calibration_data, calibration_index))
         scope = cfg.ignored_scope
         options = dict(
             preset=nncf.QuantizationPreset.PERFORMANCE if cfg.preset == "performance" else nncf.QuantizationPreset.MIXED,
@@ -81,7 +87,13 @@ class QuantizeNncf(Pass):
             if cfg.max_drop is None:
                 quantized = nncf.quantize(model, calibration, **options)
             else:
-                quantized = self._with_accuracy_control(nncf, model, calibration, options, ctx)
+                from optimizer.passes.accuracy_control import choose_validation, quantize_with_accuracy_control
+
+                validation = choose_validation(ctx, calibration_data, calibration_index, cfg.accuracy_control_samples)
+                ctx.progress.update(f"nncf: accuracy-controlled quantization (max_drop {cfg.max_drop}, "
+                                    f"{len(validation.items)} samples of {validation.record['source']})")
+                quantized = quantize_with_accuracy_control(nncf, model, calibration, validation, options, ctx,
+                                                           cfg.max_drop)
         except nncf.ValidationError as exc:
             raise StageError(f"stage '{ctx.stage}': NNCF rejected the configuration: {first_line(exc)}") from None
         if openvino_form:
@@ -101,7 +113,10 @@ class QuantizeNncf(Pass):
                 "dequantize_nodes": nodes.count("DequantizeLinear"),
             }
         ctx.details["quantization"] = {"tool": "nncf", "version": nncf.__version__, **facts}
-        return self.new_artifact(artifact, ctx, entry=entry, form=artifact.form, meta=dict(artifact.meta), facts=facts)
+        result = self.new_artifact(artifact, ctx, entry=entry, form=artifact.form, meta=dict(artifact.meta),
+                                   facts=facts)
+        check_top1_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement)
+        return result
 
     @staticmethod
     def _load_openvino(artifact: Artifact, ctx: PassContext):
@@ -115,36 +130,3 @@ class QuantizeNncf(Pass):
             raise RecipeError(f"stage '{ctx.stage}': the input IR is already quantized (it has FakeQuantize "
                               "nodes); quantize the float model instead")
         return model
-
-    def _with_accuracy_control(self, nncf, model, calibration, options, ctx: PassContext):
-        import onnxruntime as ort
-
-        cfg: QuantizeNncfConfig = self.config  # type: ignore[assignment]
-        eval_data = ctx.data.eval()
-        count = min(cfg.accuracy_control_samples, len(eval_data))
-        index = np.sort(np.random.default_rng(ctx.seed + 7).choice(len(eval_data), size=count, replace=False))
-        items = [({n: a[i : i + 1] for n, a in eval_data.inputs.items()}, int(eval_data.labels[i])) for i in index]
-        threads = ctx.threads
-
-        def validate(candidate, data_items) -> tuple[float, list[float]]:
-            if hasattr(candidate, "SerializeToString"):  # an ONNX ModelProto
-                options_ = ort.SessionOptions()
-                options_.intra_op_num_threads = threads
-                session = ort.InferenceSession(candidate.SerializeToString(), options_,
-                                               providers=["CPUExecutionProvider"])
-                output = session.get_outputs()[0].name
-                infer = lambda x: session.run([output], x)[0]  # noqa: E731
-            else:  # an OpenVINO CompiledModel: NNCF compiles each candidate itself, with f32 precision
-                infer = lambda x: candidate(x)[0]  # noqa: E731
-            per_item = [float(infer(x).argmax() == y) for x, y in data_items]
-            return (float(np.mean(per_item)) if per_item else 0.0), per_item
-
-        validation = nncf.Dataset(items, lambda item: item[0])
-        ctx.progress.update(f"nncf: accuracy-controlled quantization (max_drop {cfg.max_drop})")
-        try:
-            return nncf.quantize_with_accuracy_control(
-                model, calibration, validation, validate, max_drop=cfg.max_drop,
-                drop_type=nncf.DropType.ABSOLUTE, **options,
-            )
-        except RuntimeError as exc:
-            raise GateFailed(f"stage '{ctx.stage}': accuracy control could not meet max_drop {cfg.max_drop}: {exc}") from None

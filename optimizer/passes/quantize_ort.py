@@ -11,6 +11,7 @@ from pydantic import Field
 from optimizer.artifact import Artifact
 from optimizer.errors import StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
+from optimizer.passes.int8_agreement import check_top1_agreement, min_top1_agreement_field, verify_samples_field
 from optimizer.passes.onnx_io import calibration_samples, refuse_quantized
 from optimizer.models import check_onnx_external_data
 
@@ -32,6 +33,8 @@ class QuantizeOrtConfig(PassConfig):
         description="Symmetric activations and weights (zero points 0), as TensorRT requires; use with "
         "activation_type: int8.",
     )
+    verify_samples: int = verify_samples_field()
+    min_top1_agreement: float = min_top1_agreement_field()
 
 
 class QuantizeOrt(Pass):
@@ -108,4 +111,6 @@ class QuantizeOrt(Pass):
         import onnxruntime
 
         ctx.details["quantization"] = {"tool": "onnxruntime", "version": onnxruntime.__version__, **facts}
-        return self.new_artifact(artifact, ctx, entry="model.onnx", meta=dict(artifact.meta), facts=facts)
+        result = self.new_artifact(artifact, ctx, entry="model.onnx", meta=dict(artifact.meta), facts=facts)
+        check_top1_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement)
+        return result

@@ -190,6 +190,15 @@ def notes(report: dict[str, Any]) -> list[str]:
             out.append(f"Stage '{s['name']}' fidelity vs {reference} on {fidelity['samples']} eval samples: max abs diff "
                        f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}, "
                        f"top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %.")
+        control = (s.get("details") or {}).get("accuracy_control")
+        if control and "controlled_drop" in control:
+            validation = control["validation"]
+            reverted = ", ".join(f"{r['name']} ({r['type']})" for r in control["reverted"]) or "none"
+            out.append(f"Stage '{s['name']}' accuracy control on {validation['samples']} validation samples "
+                       f"({validation['source']}; {validation['shared_with_eval']} also in the eval set): plain INT8 "
+                       f"dropped {control['plain_int8_drop'] * 100:.2f} points, controlled "
+                       f"{control['controlled_drop'] * 100:.2f} (max_drop {control['max_drop'] * 100:g} points); "
+                       f"reverted to float: {reverted}.")
         training = (s.get("details") or {}).get("training")
         if training:
             out.append(f"Stage '{s['name']}' trained {training['steps']} steps on {training['world_size']} process(es) "
