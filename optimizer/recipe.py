@@ -221,9 +221,61 @@ class DataSection(StrictModel):
 # -------------------------------------------------------------------------------------------- evaluate
 
 
+BUILTIN_METRICS = ("top1", "top5", "agreement")
+METRIC_PATTERN = r"python:[A-Za-z_][\w.]*:[A-Za-z_][\w.]*"
+# Metrics whose per-sample score is right or wrong: their value is a fraction, shown in percent.
+FRACTION_METRICS = ("top1", "top5")
+
+
 class AccuracySpec(StrictModel):
-    metric: Literal["top1"] = "top1"
+    metric: str = Field(
+        default="top1",
+        description="What 'accuracy' means: 'top1' or 'top5' (the label is the arg-max, or among the 5 largest "
+        "outputs); 'agreement' (similarity to the baseline's outputs on the same sample, no labels needed; see "
+        "`agreement`); or 'python:module:function', called as function(outputs, labels) with numpy arrays (the "
+        "model's first output for the whole eval set, and the labels) and returning one float per sample.",
+    )
+    agreement: Literal["top1", "cosine"] | None = Field(
+        default=None,
+        description="For metric 'agreement': 'top1' (default; the arg-max class matches the baseline's, for "
+        "classifiers) or 'cosine' (cosine similarity of each sample's flattened output to the baseline's, for "
+        "embeddings).",
+    )
+    higher_is_better: bool = Field(
+        default=True,
+        description="For a python: metric: false when a smaller score is better (an error, a loss); the budget "
+        "then limits the metric's rise. The built-in metrics are all higher-is-better.",
+    )
     batch_size: int = Field(default=256, ge=1, description="Batch size used to run the eval set.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        if value in BUILTIN_METRICS or re.fullmatch(METRIC_PATTERN, value):
+            return value
+        hint = suggest(value, BUILTIN_METRICS).removeprefix("; ") if not value.startswith("python:") else ""
+        raise ValueError(f"'{value}' is not a metric{f' ({hint})' if hint else ''}; use top1, top5, agreement or "
+                         "python:module:function")
+
+    @model_validator(mode="after")
+    def _settings_fit_the_metric(self) -> "AccuracySpec":
+        # A setting the metric ignores would silently measure something else than the user asked for.
+        if self.agreement is not None and self.metric != "agreement":
+            raise ValueError(f"'agreement' applies to metric 'agreement', not '{self.metric}'; remove it or set "
+                             "metric: agreement")
+        if not self.higher_is_better and not self.metric.startswith("python:"):
+            raise ValueError(f"'higher_is_better: false' applies to a python: metric; '{self.metric}' is "
+                             "higher-is-better by definition")
+        return self
+
+    @property
+    def is_fraction(self) -> bool:
+        """Whether the metric is a share of samples (shown in percent, a budget of 0.01 is one point)."""
+        return self.metric in FRACTION_METRICS or (self.metric == "agreement" and self.agreement != "cosine")
+
+    def settings(self) -> dict[str, Any]:
+        """What the measurement process needs to score a stage."""
+        return {"metric": self.metric, "agreement": self.agreement, "higher_is_better": self.higher_is_better}
 
 
 class LatencySpec(StrictModel):
@@ -272,8 +324,9 @@ class Budget(StrictModel):
     accuracy_drop: float | None = Field(
         default=None,
         ge=0,
-        le=1,
-        description="Largest allowed drop of top-1 accuracy versus the baseline, as a fraction (0.01 = 1 point).",
+        description="Largest allowed drop of the accuracy metric versus the baseline: for top1, top5 and top-1 "
+        "agreement a fraction (0.01 = 1 point, at most 1); for cosine agreement and python: metrics in the "
+        "metric's own units (a rise, when lower is better).",
     )
 
 
@@ -317,6 +370,19 @@ class Recipe(StrictModel):
             if stage.name in seen:
                 raise ValueError(f"stages.{index}.name: '{stage.name}' is used twice; stage names must be unique")
             seen.add(stage.name)
+        return self
+
+    @model_validator(mode="after")
+    def _fraction_budgets(self) -> "Recipe":
+        # The budget's bound depends on the metric: a share of samples cannot drop by more than all of it.
+        accuracy = self.evaluate.accuracy
+        if not accuracy.is_fraction:
+            return self
+        budgets = [("budget", self.budget)] + [(f"stages.{i}.budget", s.budget) for i, s in enumerate(self.stages)]
+        for where, budget in budgets:
+            if budget is not None and budget.accuracy_drop is not None and budget.accuracy_drop > 1:
+                raise ValueError(f"{where}.accuracy_drop: {budget.accuracy_drop:g} is more than all of metric "
+                                 f"'{accuracy.metric}', a fraction (0.01 = 1 point); give a value from 0 to 1")
         return self
 
 

@@ -211,7 +211,7 @@ class Runner:
                                     time.perf_counter() - stage_start, cached))
         error: OptimizerError | None = self._gate_numerics(records[-1])
         self._baseline_predictions = self._predictions(staging, "baseline")
-        if error is None and _constant(self._baseline_predictions):
+        if error is None and self._classifies() and _constant(self._baseline_predictions):
             self._note(f"baseline: every eval prediction is class {int(self._baseline_predictions[0])}; if the model "
                        "is trained, check model.checkpoint and the data's mean/std")
         self.progress.end_stage(_summary(records[-1]))
@@ -339,6 +339,7 @@ class Runner:
             progress=self.progress,
             profile=spec.profile,
             runtime_options={"onnx": {"providers": list(spec.onnxruntime.providers)}},
+            metric=spec.accuracy.settings(),
         )
 
     @staticmethod
@@ -368,6 +369,8 @@ class Runner:
         baseline itself predicts one class (an untrained network), there is nothing to lose."""
         if any(stage.name == record["name"] and stage.intermediate for stage in self.recipe.stages):
             return None  # the recipe says a later stage repairs this one (pruning before distillation)
+        if not self._classifies():
+            return None  # an embedding's or a regression's arg-max is no class: the metric and budget judge it
         predictions = self._predictions(staging, record["name"])
         if predictions is None:
             return self._fail(record, f"stage '{record['name']}': the measurement wrote no predictions; re-run")
@@ -379,6 +382,12 @@ class Runner:
                 "settings (calibration data, ignored layers, pruning ratio)",
             )
         return None
+
+    def _classifies(self) -> bool:
+        """Whether the recipe's metric reads the output as class scores (top1, top5, top-1 agreement)."""
+        from optimizer.measure.metrics import Metric
+
+        return Metric.from_settings(self.recipe.evaluate.accuracy.settings()).classifies
 
     def _gate_fidelity(self, record: dict[str, Any]) -> OptimizerError | None:
         fidelity = (record.get("details") or {}).get("fidelity")
@@ -392,11 +401,22 @@ class Runner:
             else self.recipe.budget.accuracy_drop
         if budget is None:
             return None
+        accuracy = self.recipe.evaluate.accuracy
+        # The drop is how much worse the stage is, in the metric's units: a rise for a lower-is-better metric.
         drop = baseline["accuracy"]["value"] - record["accuracy"]["value"]
+        drop = drop if accuracy.higher_is_better else -drop
         record["budget"] = {"accuracy_drop": budget, "drop": drop}
         if drop > budget + 1e-12:
-            return self._fail(record, f"stage '{record['name']}': accuracy dropped {drop * 100:.2f} points, over the "
-                                      f"budget of {budget * 100:.2f}; relax budget.accuracy_drop or change the "
+            if accuracy.metric == "top1":
+                what = f"accuracy dropped {drop * 100:.2f} points, over the budget of {budget * 100:.2f}"
+            elif accuracy.is_fraction:
+                what = (f"{_metric_name(accuracy)} dropped {drop * 100:.2f} points, over the budget of "
+                        f"{budget * 100:.2f}")
+            else:
+                change = "fell" if accuracy.higher_is_better else "rose"
+                what = (f"{_metric_name(accuracy)} {change} by {drop:.4g}, over the budget of {budget:g} (in the "
+                        "metric's units)")
+            return self._fail(record, f"stage '{record['name']}': {what}; relax budget.accuracy_drop or change the "
                                       "stage's settings")
         return None
 
@@ -405,11 +425,21 @@ def _constant(predictions: np.ndarray | None) -> bool:
     return predictions is not None and len(predictions) >= 2 and bool(np.all(predictions == predictions[0]))
 
 
+def _metric_name(accuracy) -> str:
+    from optimizer.measure.metrics import metric_name
+
+    return metric_name(accuracy.metric, accuracy.agreement)
+
+
 def _summary(record: dict[str, Any]) -> str:
     if record.get("status") != "ok":
         return f"[red]failed[/red]: {escape(str(record.get('error')))}"
+    from optimizer.report.metric import metric_view
+
     acc = record["accuracy"]
     lat = record["latency"]
     cached = " [dim](cached)[/dim]" if record.get("cached") else ""
-    return (f"top-1 {acc['value'] * 100:.2f} % (n={acc['n']}), p50 {lat['p50_ms']:.3f} ms, "
+    view = metric_view(acc)
+    return (f"{escape(view.name)} {view.value(acc['value'])}{' %' if view.percent else ''} (n={acc['n']}), "
+            f"p50 {lat['p50_ms']:.3f} ms, "
             f"{record['throughput']['samples_per_s']:.0f} samples/s, {record['size_bytes'] / 1e6:.2f} MB{cached}")

@@ -9,7 +9,8 @@ message), never used. The key hashes:
 - the stage name, the pass name, version, configuration, the sha256 of the pass's source file and one over
   every Python file of this package (the helpers a pass calls live outside its file),
 - the data specs (with size and modification time of the files behind them), the seed and the
-  ``evaluate`` settings, because the measurements are cached too,
+  ``evaluate`` settings (and the source file of a ``python:`` accuracy metric), because the measurements are
+  cached too,
 - library versions (from package metadata: no heavy import) and the hardware (CPU model and flags; GPU
   names, driver and the CUDA version torch was built with, when there is a GPU).
 
@@ -288,13 +289,18 @@ def common_key_parts(loaded: "LoadedRecipe") -> dict[str, Any]:
             code = source_digest(spec.dataset.removeprefix("python:").split(":")[0])
         data[split] = {"spec": spec.model_dump(mode="json"),
                        "files": files_stamp(loaded.resolve(raw)) if raw else None, "code": code}
-    return {
+    parts = {
         "seed": recipe.seed,
         "evaluate": recipe.evaluate.model_dump(mode="json"),
         "data": data,
         "libraries": library_versions(),
         "hardware": hardware(),
     }
+    metric = recipe.evaluate.accuracy.metric
+    if metric.startswith("python:"):
+        # A python: metric scores the cached measurements: editing its code must measure again.
+        parts["metric_code"] = source_digest(metric.removeprefix("python:").split(":")[0])
+    return parts
 
 
 def baseline_key_parts(loaded: "LoadedRecipe", common: dict[str, Any]) -> dict[str, Any]:

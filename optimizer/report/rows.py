@@ -10,10 +10,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimizer.measure.latency import TimingPlan
+from optimizer.report.metric import TOP1, MetricView, report_metric
 
 COLUMNS = ["stage", "pass", "form", "precision", "size MB", "params", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base",
            "Δ top-1 vs prev", "p50 ms (95% CI)", "p90 ms (95% CI)", "p99 ms (95% CI)", "speedup vs base",
            "speedup vs prev", "samples/s (95% CI)", "status"]
+
+# The accuracy columns: named after the report's metric (these are top-1's names).
+ACCURACY_COLUMNS = ("top-1 % (95% CI)", "Δ top-1 vs base", "Δ top-1 vs prev")
+
+
+def columns(report: dict[str, Any]) -> list[str]:
+    """COLUMNS with the accuracy columns named after the report's metric; same order and length."""
+    view = report_metric(report)
+    names = dict(zip(ACCURACY_COLUMNS, (view.column, view.delta_column("base"), view.delta_column("prev"))))
+    return [names.get(c, c) for c in COLUMNS]
+
 
 # Marks on a cell: a significant improvement or regression, a change that is not significant, a figure
 # too noisy to trust.
@@ -88,20 +100,26 @@ def speed_cell(change: dict[str, Any] | None) -> Cell:
     return Cell(f"{speedup:.2f}×", mark=BETTER if speedup > 1 else WORSE)
 
 
-def accuracy_delta_cell(change: dict[str, Any] | None) -> Cell:
-    """Change in top-1 points, with McNemar's p-value when the report has the paired test."""
+def accuracy_delta_cell(change: dict[str, Any] | None, view: MetricView = TOP1) -> Cell:
+    """Change in top-1 points (or the metric's units), with the paired test's p-value when the report has it:
+    McNemar's for right-or-wrong scores, the sign-flip permutation test for others."""
     if not change or change.get("accuracy_delta") is None:
         return DASH
-    value = f"{change['accuracy_delta'] * 100:+.2f}"
+    value = view.delta(change["accuracy_delta"])
     test = change.get("accuracy_test")
     if not test or test.get("p_value") is None:
         return Cell(value)
     p = f"p={test['p_value']:.2g}"
-    counts = (f"McNemar: {test.get('only_baseline_right')} samples right only before, "
-              f"{test.get('only_stage_right')} right only after")
+    if test.get("test") == "sign-flip":
+        low, high = test.get("difference_ci95") or (None, None)
+        counts = (f"sign-flip permutation test of the paired differences ({test.get('resamples')} resamples)"
+                  + (f"; 95 % bootstrap interval {view.delta(low)} to {view.delta(high)}" if low is not None else ""))
+    else:
+        counts = (f"McNemar: {test.get('only_baseline_right')} samples right only before, "
+                  f"{test.get('only_stage_right')} right only after")
     if not test.get("significant"):
         return Cell(value, f"{p}, n.s.", mark=NOT_SIGNIFICANT, title=counts)
-    return Cell(value, p, mark=BETTER if change["accuracy_delta"] > 0 else WORSE, title=counts)
+    return Cell(value, p, mark=BETTER if view.improved(change["accuracy_delta"]) else WORSE, title=counts)
 
 
 def previous_change(stage: dict[str, Any], previous_is_baseline: bool) -> dict[str, Any] | None:
@@ -115,6 +133,7 @@ def previous_change(stage: dict[str, Any], previous_is_baseline: bool) -> dict[s
 
 
 def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
+    view = report_metric(report)
     rows = []
     ok_before = 0   # stages with status ok so far: vs_previous compares with the last of them
     for s in report["stages"]:
@@ -128,9 +147,9 @@ def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
                 Cell(f"{s['size_bytes'] / 1e6:.2f}") if s.get("size_bytes") is not None else DASH,
                 Cell(f"{s['params']:,}") if s.get("params") is not None else DASH,
                 Cell(f"{s['macs'] / 1e6:.1f}") if s.get("macs") else DASH,
-                Cell(_pct(acc["value"]), f"{_pct(low)}–{_pct(high)}"),
-                accuracy_delta_cell(s.get("vs_baseline")),
-                accuracy_delta_cell(previous_change(s, ok_before == 1)),
+                Cell(view.value(acc["value"]), view.interval(low, high)),
+                accuracy_delta_cell(s.get("vs_baseline"), view),
+                accuracy_delta_cell(previous_change(s, ok_before == 1), view),
                 percentile_cell(lat, 50), percentile_cell(lat, 90), percentile_cell(lat, 99),
                 speed_cell(s.get("vs_baseline")), speed_cell(s.get("vs_previous")),
                 throughput_cell(s.get("throughput")),
@@ -146,6 +165,25 @@ def stage_cells(report: dict[str, Any]) -> list[list[Cell]]:
 
 def stage_rows(report: dict[str, Any]) -> list[list[str]]:
     return [[cell.text for cell in row] for row in stage_cells(report)]
+
+
+def _accuracy_note(report: dict[str, Any]) -> str:
+    view = report_metric(report)
+    if view.is_top1:
+        return ("Δ top-1 is in points; p is McNemar's exact test on the per-sample results of the same eval "
+                "set (n.s.: p ≥ 0.05, the change may be chance).")
+    what = {"top5": "top-5: the label is among the 5 largest outputs",
+            "agreement": ("top-1 agreement: the arg-max class is the baseline's" if view.percent else
+                          "cosine agreement: mean cosine similarity of each sample's output to the baseline's")}
+    direction = "higher is better" if view.higher_is_better else "lower is better"
+    text = what.get(view.metric, f"{view.name}: mean of the per-sample scores of {view.metric} ({direction})")
+    if view.metric == "agreement":
+        text += " (the baseline's is 1 by definition)"
+    unit = "points" if view.percent else "the metric's units"
+    tests = ("p is a sign-flip permutation test of the per-sample differences against the baseline on the same eval "
+             "set, and the intervals are bootstrap intervals of the mean" if view.bootstrap else
+             "p is McNemar's exact test on the per-sample results of the same eval set")
+    return f"Accuracy is {text}. Δ {view.name} is in {unit}; {tests} (n.s.: p ≥ 0.05, the change may be chance)."
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -177,8 +215,7 @@ def notes(report: dict[str, Any]) -> list[str]:
                 f"the {trials or '?'} throughput trials (none with a single trial)."
             )
         if any((s.get("vs_baseline") or {}).get("accuracy_test") for s in stages):
-            out.append("Δ top-1 is in points; p is McNemar's exact test on the per-sample results of the same eval "
-                       "set (n.s.: p ≥ 0.05, the change may be chance).")
+            out.append(_accuracy_note(report))
         if lat.get("mode") == "quick":
             out.append("QUICK MODE: few iterations; these latency figures are for smoke tests, not for decisions.")
     for s in stages:
@@ -187,9 +224,11 @@ def notes(report: dict[str, Any]) -> list[str]:
         fidelity = (s.get("details") or {}).get("fidelity")
         if fidelity:
             reference = fidelity.get("reference", "PyTorch")
+            # The arg-max of an embedding or a regression is no class: its agreement is left out under such metrics.
+            classes = report_metric(report).percent
             out.append(f"Stage '{s['name']}' fidelity vs {reference} on {fidelity['samples']} eval samples: max abs diff "
-                       f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}, "
-                       f"top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %.")
+                       f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}"
+                       + (f", top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %." if classes else "."))
         control = (s.get("details") or {}).get("accuracy_control")
         if control and "controlled_drop" in control:
             validation = control["validation"]

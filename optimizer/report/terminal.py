@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optimizer.report.rows import COLUMNS, notes, stage_rows
+from optimizer.report.rows import COLUMNS, columns, notes, stage_rows
 
 # The terminal is narrow: leave out the columns the Markdown report still has.
 _SHOWN = ["stage", "form", "precision", "size MB", "MMACs", "top-1 % (95% CI)", "Δ top-1 vs base", "p50 ms (95% CI)",
@@ -19,8 +19,10 @@ def stage_table(report: dict[str, Any]):
 
     table = Table(title=escape(f"{report['recipe']['name']}: {'PASSED' if report['passed'] else 'FAILED'}"))
     index = [COLUMNS.index(c) for c in _SHOWN]
-    for column in _SHOWN:
-        table.add_column(column, justify="left" if column in ("stage", "form", "precision", "status") else "right")
+    titles = columns(report)  # the accuracy columns named after the report's metric
+    for i, column in zip(index, _SHOWN):
+        table.add_column(escape(titles[i]), justify="left" if column in ("stage", "form", "precision", "status")
+                         else "right")
     for row in stage_rows(report):
         style = None if row[-1] == "ok" else "red"
         table.add_row(*(escape(row[i]) for i in index), style=style)

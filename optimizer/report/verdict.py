@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from optimizer.measure.accuracy import Z95
+from optimizer.report.metric import report_metric
 
 
 def measured(stage: dict[str, Any]) -> bool:
@@ -71,6 +72,10 @@ def accuracy_change(stage: dict[str, Any], reference: dict[str, Any], test: dict
     acc, ref = stage["accuracy"], reference["accuracy"]
     delta = acc["value"] - ref["value"]
     n = acc.get("n") or 0
+    if test and test.get("difference_ci95"):
+        # Scores that are not right-or-wrong: the paired bootstrap interval of the mean difference.
+        low, high = test["difference_ci95"]
+        return AccuracyChange(delta, low, high, True, test)
     if test and n and test.get("only_baseline_right") is not None and test.get("only_stage_right") is not None:
         b, c = test["only_baseline_right"], test["only_stage_right"]
         variance = max(0.0, b + c - (c - b) ** 2 / n) / (n * n)
@@ -128,17 +133,30 @@ def _points(value: float) -> str:
     return f"{value * 100:+.2f}"
 
 
-def accuracy_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str:
+def accuracy_sentence(stage: dict[str, Any], baseline: dict[str, Any], report: dict[str, Any] | None = None) -> str:
     acc, ref = stage["accuracy"], baseline["accuracy"]
     low, high = acc["ci95"]
     test = (stage.get("vs_baseline") or {}).get("accuracy_test")
     change = accuracy_change(stage, baseline, test)
-    text = (f"top-1 {_pct(acc['value'])} % (95 % CI {_pct(low)}–{_pct(high)}) vs {_pct(ref['value'])} % for the "
-            f"baseline: {_points(change.delta)} points")
+    view = report_metric(report or {"stages": [baseline, stage]})
+    if view.percent:
+        text = (f"{view.name} {_pct(acc['value'])} % (95 % CI {_pct(low)}–{_pct(high)}) vs {_pct(ref['value'])} % "
+                f"for the baseline: {_points(change.delta)} points")
+    else:
+        kind = " bootstrap" if acc.get("interval") == "bootstrap" else ""
+        text = (f"{view.name} {view.value(acc['value'])} (95 %{kind} CI {view.interval(low, high)}) vs "
+                f"{view.value(ref['value'])} for the baseline: {view.delta(change.delta)}")
     if math.isfinite(change.low):
         kind = "paired" if change.paired else "unpaired, so wider than it needs to be"
-        text += f" (95 % CI {_points(change.low)} to {_points(change.high)}, {kind})"
-    if test:
+        if view.percent:
+            text += f" (95 % CI {_points(change.low)} to {_points(change.high)}, {kind})"
+        else:
+            text += f" (95 % CI {view.delta(change.low)} to {view.delta(change.high)}, {kind})"
+    if test and test.get("test") == "sign-flip":
+        verdict = "significant" if test.get("significant") else "not significant"
+        text += (f"; {verdict} by a sign-flip permutation test of the per-sample differences (p = "
+                 f"{test['p_value']:.2g}, {test.get('resamples')} resamples)")
+    elif test:
         verdict = "significant" if test.get("significant") else "not significant"
         text += (f"; {verdict} by McNemar's test (p = {test['p_value']:.2g}: "
                  f"{test['only_baseline_right']} samples only the baseline got right, "
@@ -147,7 +165,9 @@ def accuracy_sentence(stage: dict[str, Any], baseline: dict[str, Any]) -> str:
         text += "; this report has no paired significance test"
     budget = stage.get("budget") or {}
     if budget.get("accuracy_drop") is not None:
-        text += f"; budget {budget['accuracy_drop'] * 100:.2f} points"
+        text += (f"; budget {budget['accuracy_drop'] * 100:.2f} points" if view.percent else
+                 f"; budget {budget['accuracy_drop']:g} ({'fall' if view.higher_is_better else 'rise'} in "
+                 f"{view.name})")
     return "Accuracy: " + text + "."
 
 
@@ -217,7 +237,7 @@ def verdict(report: dict[str, Any]) -> Verdict:
         significant = latency_differs(stage["latency"], baseline["latency"])
         gain = "" if significant else ", but its latency gain over the baseline is not significant"
         headline = f"Recommended deployable: '{stage['name']}'{where}{gain}."
-        sentences.append(accuracy_sentence(stage, baseline))
+        sentences.append(accuracy_sentence(stage, baseline, report))
         sentences.append(latency_sentence(stage, baseline))
         extra = cost_sentence(stage, baseline)
         if extra:
