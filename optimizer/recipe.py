@@ -298,6 +298,13 @@ class LatencySpec(StrictModel):
         default_factory=list,
         description="Batch-size sweep, e.g. [1, 8, 32]: latency and throughput per batch size (empty: no sweep).",
     )
+    runtime: Literal["native", "deploy", "auto"] = Field(
+        default="auto",
+        description="Where torch stages are timed. 'native': PyTorch eager. 'deploy': on the runtime of the "
+        "recipe's final artifact (onnxruntime for ONNX, OpenVINO with the compile stage's precision hint), through "
+        "a throwaway export of the stage in its own precision (FP32); accuracy is still measured on the torch "
+        "model. 'auto': deploy when the last stage produces ONNX or OpenVINO, else native.",
+    )
 
 
 class OnnxRuntimeSpec(StrictModel):

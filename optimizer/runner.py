@@ -31,9 +31,11 @@ from optimizer.errors import (
     ResourceFailure,
     StageError,
     disk_full,
+    first_line,
     is_disk_full,
 )
 from optimizer.measure.environment import fingerprint
+from optimizer.measure.deploy_timing import CHECK_SAMPLES, deploy_timing, throwaway_artifact
 from optimizer.measure.evaluate import evaluate_artifact
 from optimizer.output_folder import STAGING_PREFIX, OutputLock, publish, recover
 from optimizer.passes.base import PassContext
@@ -130,6 +132,8 @@ class Runner:
                                 notify=self._note)
         self._eval_npz: Path | None = None
         self._baseline_predictions: np.ndarray | None = None
+        # Where torch stages are timed: None for PyTorch eager, else the deployment runtime (measure/deploy_timing).
+        self._deploy_timing = deploy_timing(self.recipe)
 
     def _note(self, message: str) -> None:
         """Something the user should know that does not stop the run: shown now, and kept in the report."""
@@ -325,11 +329,46 @@ class Runner:
 
     def _measure(self, artifact: Artifact, stage: str, data: DataProvider, staging: Path,
                  measurements: Path) -> dict[str, Any]:
+        eval_npz = self._eval_arrays(data, staging)
+        timing_artifact, fallback, folder = self._throwaway(artifact, stage, data, staging)
+        try:
+            return self._evaluate(artifact, stage, eval_npz, measurements, timing_artifact, fallback)
+        finally:
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)  # the throwaway is for timing only, never kept
+
+    def _throwaway(self, artifact: Artifact, stage: str, data: DataProvider,
+                   staging: Path) -> tuple[Artifact | None, str | None, Path | None]:
+        """(throwaway artifact, why there is none, its folder) for timing a torch stage on the deployment runtime.
+
+        An export that fails leaves the stage timed on PyTorch eager with the reason recorded: the stage itself
+        is fine, only its timing on the deployment runtime is out of reach."""
+        timing = self._deploy_timing
+        if timing is None or artifact.form != "torch":
+            return None, None, None
+        folder = staging / ".work" / "deploy-timing" / stage
+        shutil.rmtree(folder, ignore_errors=True)
+        self.progress.update(f"throwaway export for timing on {timing.describe()}")
+        try:
+            samples = data.eval().batch(0, max(CHECK_SAMPLES, artifact.inputs[0].shape[0]))
+            made = throwaway_artifact(artifact, timing, folder, samples, threads=self.threads, stage=stage)
+        except MemoryError:
+            raise
+        except Exception as exc:  # exporter and converter failures come in many types
+            if is_disk_full(exc):
+                raise
+            reason = f"the throwaway export failed ({type(exc).__name__}: {first_line(exc, 200)})"
+            self.progress.log(escape(f"stage '{stage}': latency timed on PyTorch eager: {reason}"))
+            return None, reason, folder
+        return made, None, folder
+
+    def _evaluate(self, artifact: Artifact, stage: str, eval_npz: Path, measurements: Path,
+                  timing_artifact: Artifact | None, fallback: str | None) -> dict[str, Any]:
         spec = self.recipe.evaluate
         return evaluate_artifact(
             artifact,
             stage=stage,
-            eval_npz=self._eval_arrays(data, staging),
+            eval_npz=eval_npz,
             measurements_dir=measurements,
             threads=self.threads,
             latency=spec.latency.model_dump(),
@@ -340,6 +379,8 @@ class Runner:
             profile=spec.profile,
             runtime_options={"onnx": {"providers": list(spec.onnxruntime.providers)}},
             metric=spec.accuracy.settings(),
+            timing_artifact=timing_artifact,
+            timing_fallback=fallback,
         )
 
     @staticmethod

@@ -10,7 +10,8 @@ message), never used. The key hashes:
   every Python file of this package (the helpers a pass calls live outside its file),
 - the data specs (with size and modification time of the files behind them), the seed and the
   ``evaluate`` settings (and the source file of a ``python:`` accuracy metric), because the measurements are
-  cached too,
+  cached too; with them the runtime torch stages are timed on, as resolved for this recipe (PyTorch eager, or
+  the deployment runtime with its export and compile settings),
 - library versions (from package metadata: no heavy import) and the hardware (CPU model and flags; GPU
   names, driver and the CUDA version torch was built with, when there is a GPU).
 
@@ -292,6 +293,9 @@ def common_key_parts(loaded: "LoadedRecipe") -> dict[str, Any]:
     parts = {
         "seed": recipe.seed,
         "evaluate": recipe.evaluate.model_dump(mode="json"),
+        # evaluate.latency.runtime 'auto' depends on the recipe's last stage, and a torch stage timed on the
+        # deployment runtime on the export and compile settings: key the resolved choice, not the word.
+        "latency_timing": _latency_timing(recipe),
         "data": data,
         "libraries": library_versions(),
         "hardware": hardware(),
@@ -301,6 +305,19 @@ def common_key_parts(loaded: "LoadedRecipe") -> dict[str, Any]:
         # A python: metric scores the cached measurements: editing its code must measure again.
         parts["metric_code"] = source_digest(metric.removeprefix("python:").split(":")[0])
     return parts
+
+
+def _latency_timing(recipe: Any) -> dict[str, Any] | None:
+    from optimizer.measure.deploy_timing import deploy_timing
+
+    timing = deploy_timing(recipe)
+    return None if timing is None else timing.key()
+
+
+def _timing_for(common: dict[str, Any], form: str) -> dict[str, Any]:
+    """The common parts for a stage producing ``form``: only torch stages are timed through a throwaway export,
+    so a change of the export or compile settings re-times those and leaves the others' measurements valid."""
+    return common if form == "torch" else {**common, "latency_timing": None}
 
 
 def baseline_key_parts(loaded: "LoadedRecipe", common: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +337,7 @@ def baseline_key_parts(loaded: "LoadedRecipe", common: dict[str, Any]) -> dict[s
         "model": model.model_dump(mode="json", exclude={"checkpoint"}),
         "input_files": inputs,
         "factory_code": factory_code,
-        **common,
+        **_timing_for(common, model.start_form),
     }
 
 
@@ -351,7 +368,7 @@ def stage_key_parts(stage_name: str, pass_cls: type, config: dict[str, Any], inp
         "pass_code": source_digest(pass_cls),
         "toolkit_code": toolkit_digest(),
         "config": config,
-        **common,
+        **_timing_for(common, pass_cls.output_form_for(input_artifact.form)),
     }
 
 

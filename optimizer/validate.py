@@ -131,6 +131,7 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
     if recipe.data.validation is not None:
         needs.add("validation")
     checks.append(Check("forms", " -> ".join(chain)))
+    checks.append(Check("latency runtime", _latency_runtime(loaded)))
 
     for split in sorted(needs):
         checks.append(Check(f"data.{split}", check_data_reachable(loaded, split)))
@@ -158,3 +159,16 @@ def validate_path(path: str | Path, overrides: list[str] | None = None) -> list[
     from optimizer.recipe import load_recipe
 
     return validate_recipe(load_recipe(path, overrides))
+
+
+def _latency_runtime(loaded: LoadedRecipe) -> str:
+    """Where torch stages will be timed (evaluate.latency.runtime resolved); a RecipeError for 'deploy' on a recipe
+    that ends on no runtime a throwaway export reaches."""
+    from optimizer.measure.deploy_timing import deploy_timing
+
+    recipe = loaded.recipe
+    timing = deploy_timing(recipe)
+    if timing is None:
+        return f"{recipe.evaluate.latency.runtime}: torch stages timed on PyTorch eager"
+    return (f"{recipe.evaluate.latency.runtime}: torch stages timed on {timing.describe()} through a throwaway "
+            f"{timing.export['exporter']} export (opset {timing.export['opset']}), in their own precision")

@@ -1,4 +1,5 @@
-"""Runs the measurement worker for one artifact in a fresh process and collects its result."""
+"""Runs the measurement worker for one artifact in a fresh process and collects its result (two processes for
+a torch stage timed on the deployment runtime: one scores it, one times its throwaway export)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimizer.artifact import Artifact
-from optimizer.errors import StageError, error_from_exit_code
+from optimizer.errors import (
+    InputRejected,
+    MissingDependency,
+    StageError,
+    error_from_exit_code,
+    first_line,
+    is_disk_full,
+)
 
 if TYPE_CHECKING:
     from optimizer.progress import Progress
+
+# What a stage's timing process contributes when its accuracy is measured by another one.
+TIMING_KEYS = ("latency", "throughput", "load_s", "first_inference_ms", "runtime", "latency_sweep", "profile")
 
 
 def worker_environment(threads: int, extra_paths: list[Path]) -> dict[str, str]:
@@ -48,7 +59,16 @@ def evaluate_artifact(
     runtime_options: dict[str, Any] | None = None,
     profile: bool = False,
     metric: dict[str, Any] | None = None,
+    timing_artifact: Artifact | None = None,
+    timing_fallback: str | None = None,
 ) -> dict[str, Any]:
+    """Measure one stage in fresh processes; the result's ``latency`` says which runtime timed it.
+
+    ``timing_artifact``: a throwaway export of a torch ``artifact`` on the deployment runtime. Accuracy is then
+    measured on ``artifact`` and everything timed (latency, throughput, sweep, profile) on the export, each in
+    a process of its own; should timing the export fail, the stage is timed on its own runtime and the reason
+    recorded. ``timing_fallback``: why no throwaway could be made for a stage that wanted one (recorded).
+    """
     measurements_dir.mkdir(parents=True, exist_ok=True)
     baseline_dir = measurements_dir.parent / "baseline"
     is_baseline = stage == "baseline"
@@ -76,7 +96,35 @@ def evaluate_artifact(
         "baseline_outputs_npy": None if is_baseline else str(baseline_dir / "outputs.npy"),
         "profile": profile,
     }
-    request_path = measurements_dir / "request.json"
+    worker = {"stage": stage, "threads": threads, "import_paths": import_paths, "progress": progress}
+    timed_via = "artifact"
+    if timing_artifact is None:
+        result = _run_worker(request, measurements_dir / "request.json", **worker)
+    else:
+        result = _run_worker({**request, "parts": "accuracy"}, measurements_dir / "request.json", **worker)
+        timing_request = {**request, "parts": "timing", "artifact": str(timing_artifact.path),
+                          "result_json": str(measurements_dir / "timing-result.json")}
+        try:
+            timing = _run_worker(timing_request, measurements_dir / "timing-request.json", **worker)
+            timed_via = "export"
+        except (StageError, InputRejected, MissingDependency) as exc:
+            if is_disk_full(exc):
+                raise
+            # The stage itself is fine and its accuracy measured: time it where it runs, and say why.
+            timing_fallback = f"timing the throwaway export failed ({first_line(exc, 200)})"
+            timing = _run_worker({**request, "parts": "timing"}, measurements_dir / "timing-request.json", **worker)
+        result["accuracy_runtime"] = result["runtime"]
+        result.update({key: timing.get(key) for key in TIMING_KEYS})
+    result["latency"]["timed_via"] = timed_via
+    if timing_fallback:
+        result["latency"]["deploy_fallback"] = timing_fallback
+    result["raw_times_file"] = str(Path(request["raw_times_npy"]))
+    return result
+
+
+def _run_worker(request: dict[str, Any], request_path: Path, *, stage: str, threads: int, import_paths: list[Path],
+                progress: "Progress") -> dict[str, Any]:
+    """One measurement process on ``request``; its result, or the error it reported."""
     request_path.write_text(json.dumps(request, indent=2))
     result_path = Path(request["result_json"])
     result_path.unlink(missing_ok=True)
@@ -110,5 +158,4 @@ def evaluate_artifact(
         raise error_from_exit_code(result.get("exit_code", 1),
                                    f"stage '{stage}': measuring the artifact failed: {result['error']}")
     result.pop("ok")
-    result["raw_times_file"] = str(Path(request["raw_times_npy"]))
     return result

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -48,6 +49,24 @@ def is_quantized(model_path) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
 
 
+def convert_to_ir(ov: Any, onnx_path: Path, xml: Path, cfg: CompileOpenVinoConfig) -> None:
+    """ONNX file -> IR (.xml + .bin) with the pass's batch and weight settings; raises what OpenVINO raises.
+
+    Shared with the latency measurement, which converts throwaway exports of torch stages the same way."""
+    model = ov.convert_model(str(onnx_path))
+    if cfg.batch is not None:
+        model.reshape({port.get_any_name(): [cfg.batch, *list(port.get_partial_shape())[1:]]
+                       for port in model.inputs})
+    # save_model compresses weights to FP16 unless told not to: always pass the choice explicitly.
+    ov.save_model(model, str(xml), compress_to_fp16=cfg.compress_to_fp16)
+
+
+def runtime_meta(cfg: CompileOpenVinoConfig) -> dict[str, Any]:
+    """The settings an IR artifact is deployed with (read by the OpenVINO runtime)."""
+    return {"precision_hint": cfg.precision_hint, "performance_hint": cfg.performance_hint,
+            "streams": cfg.streams, "device": "CPU"}
+
+
 class CompileOpenVino(Pass):
     name = "compile.openvino"
     summary = "Convert ONNX to OpenVINO IR (CPU); precision hint explicit; outputs checked against onnxruntime."
@@ -69,13 +88,7 @@ class CompileOpenVino(Pass):
         quantized = is_quantized(artifact.entry_path)
         ctx.progress.update("converting ONNX to OpenVINO IR")
         try:
-            model = ov.convert_model(str(artifact.entry_path))
-            if cfg.batch is not None:
-                model.reshape({port.get_any_name(): [cfg.batch, *list(port.get_partial_shape())[1:]]
-                               for port in model.inputs})
-            xml = ctx.work_dir / "model.xml"
-            # save_model compresses weights to FP16 unless told not to: always pass the choice explicitly.
-            ov.save_model(model, str(xml), compress_to_fp16=cfg.compress_to_fp16)
+            convert_to_ir(ov, artifact.entry_path, ctx.work_dir / "model.xml", cfg)
         except Exception as exc:  # conversion errors come in several types; name the stage and the cause
             raise StageError(f"stage '{ctx.stage}': OpenVINO could not convert {artifact.entry_path.name}: "
                              f"{first_line(exc, 300)}") from exc
@@ -85,8 +98,7 @@ class CompileOpenVino(Pass):
                  {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}[cfg.precision_hint],
                  "compute_precision_hint": cfg.precision_hint, "weights_fp16": cfg.compress_to_fp16}
         meta = {
-            "runtime": {"precision_hint": cfg.precision_hint, "performance_hint": cfg.performance_hint,
-                        "streams": cfg.streams, "device": "CPU"},
+            "runtime": runtime_meta(cfg),
             "openvino": ov.get_version(),
             "source_quantized": quantized,
         }

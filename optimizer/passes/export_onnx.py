@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import warnings
-
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -75,6 +75,40 @@ def compare_outputs(reference: np.ndarray, candidate: np.ndarray, *, atol: float
     }
 
 
+def export_module(module: Any, artifact: Artifact, samples: dict[str, np.ndarray], out_path: Path,
+                  cfg: ExportOnnxConfig) -> None:
+    """torch.onnx.export of a torch artifact's module with the pass's settings, traced on real samples.
+
+    Shared with the latency measurement, which times torch stages on the deployment runtime through a
+    throwaway export made the same way as the recipe's own. Raises whatever the exporter raises.
+    """
+    import torch
+
+    names = [spec.name for spec in artifact.inputs]
+    # A static export is traced at the recipe's batch size; a dynamic one at 2 (1 could be specialized).
+    example_batch = 2 if cfg.dynamic_batch else artifact.inputs[0].shape[0]
+    example = tuple(torch.from_numpy(samples[name][:example_batch]) for name in names)
+    external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    if cfg.exporter == "dynamo":
+        batch = torch.export.Dim("batch")
+        dynamic = tuple({0: batch} for _ in names) if cfg.dynamic_batch else None
+        with warnings.catch_warnings():
+            # Several inputs share the one batch dimension (MiniLM's ids and mask): the exporter
+            # keeps one name for it and warns that the others are unused, which is what we want.
+            warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used")
+            torch.onnx.export(
+                module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
+                opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
+                verbose=False,
+            )
+    else:
+        axes = {name: {0: "batch"} for name in [*names, cfg.output_name]} if cfg.dynamic_batch else None
+        torch.onnx.export(
+            module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
+            opset_version=cfg.opset, dynamo=False, dynamic_axes=axes,
+        )
+
+
 class ExportOnnx(Pass):
     name = "export.onnx"
     summary = "Export to ONNX (dynamic batch) and check outputs against PyTorch on eval data."
@@ -84,8 +118,6 @@ class ExportOnnx(Pass):
     Config = ExportOnnxConfig
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
-        import torch
-
         from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
         from optimizer.runtimes.torch_eager import TorchEagerRuntime
 
@@ -97,33 +129,9 @@ class ExportOnnx(Pass):
                              "with PyTorch; give data.eval at least one sample")
         samples = eval_data.batch(0, count)
         reference_runtime = TorchEagerRuntime(artifact, threads=ctx.threads)
-        module = reference_runtime.module
-        names = [spec.name for spec in artifact.inputs]
-        # A static export is traced at the recipe's batch size; a dynamic one at 2 (1 could be specialized).
-        example_batch = 2 if cfg.dynamic_batch else artifact.inputs[0].shape[0]
-        example = tuple(torch.from_numpy(samples[name][:example_batch]) for name in names)
-        out_path = ctx.work_dir / "model.onnx"
         ctx.progress.update(f"exporting ({cfg.exporter}, opset {cfg.opset})")
-        external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
         try:
-            if cfg.exporter == "dynamo":
-                batch = torch.export.Dim("batch")
-                dynamic = tuple({0: batch} for _ in names) if cfg.dynamic_batch else None
-                with warnings.catch_warnings():
-                    # Several inputs share the one batch dimension (MiniLM's ids and mask): the exporter
-                    # keeps one name for it and warns that the others are unused, which is what we want.
-                    warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used")
-                    torch.onnx.export(
-                        module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
-                        opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
-                        verbose=False,
-                    )
-            else:
-                axes = {name: {0: "batch"} for name in [*names, cfg.output_name]} if cfg.dynamic_batch else None
-                torch.onnx.export(
-                    module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
-                    opset_version=cfg.opset, dynamo=False, dynamic_axes=axes,
-                )
+            export_module(reference_runtime.module, artifact, samples, ctx.work_dir / "model.onnx", cfg)
         except Exception as exc:  # exporter failures come in many types; name the stage and the cause
             first = first_line(exc, 300)
             raise StageError(f"stage '{ctx.stage}': torch.onnx.export failed: {first}") from exc

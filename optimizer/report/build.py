@@ -82,6 +82,9 @@ def stage_record(
             record["latency_sweep"] = metrics["latency_sweep"]
         if metrics.get("profile"):
             record["profile"] = metrics["profile"]
+        if metrics.get("accuracy_runtime"):
+            # A torch stage timed through a throwaway export: ``runtime`` is the timing runtime's settings.
+            record["accuracy_runtime"] = metrics["accuracy_runtime"]
     if details:
         record["details"] = details
     if error is not None:

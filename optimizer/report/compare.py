@@ -16,7 +16,14 @@ from optimizer.report import charts
 from optimizer.report.html import cell_html, environment_rows, page
 from optimizer.report.markdown import md, table
 from optimizer.report.render import load_report
-from optimizer.report.rows import Cell, accuracy_delta_cell, percentile_cell, speed_cell, throughput_cell
+from optimizer.report.rows import (
+    Cell,
+    accuracy_delta_cell,
+    percentile_cell,
+    runtime_label,
+    speed_cell,
+    throughput_cell,
+)
 from optimizer.report.svg import esc
 from optimizer.report.verdict import Recommendation, latency_differs, measured, pareto_front, verdict
 from optimizer.report.write import write_atomic
@@ -40,7 +47,9 @@ def _latency_plan(report: dict[str, Any]) -> dict[str, Any]:
     base = next((s for s in report.get("stages") or [] if "latency" in s), {})
     lat = base.get("latency") or {}
     return {"latency batch size": lat.get("batch_size"), "latency mode": lat.get("mode"),
-            "throughput batch size": (base.get("throughput") or {}).get("batch_size")}
+            "throughput batch size": (base.get("throughput") or {}).get("batch_size"),
+            # Speedups are relative to the baseline: one timed on eager and one on onnxruntime are not comparable.
+            "baseline timed on": runtime_label(base) if lat else None}
 
 
 def comparability(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:

@@ -19,6 +19,7 @@ from optimizer.measure.environment import describe_gpu
 from optimizer.report import charts
 from optimizer.report.rows import (
     BETTER, COLUMNS, NOT_SIGNIFICANT, UNSTABLE, WORSE, Cell, columns, notes, previous_change, stage_cells,
+    timing_note,
 )
 from optimizer.report.metric import report_metric
 from optimizer.report.samples import load_raw_latencies
@@ -275,6 +276,7 @@ def _waterfalls(report: dict[str, Any]) -> str:
                "better, vermillion: worse; pale with n.s.: not significant (latency: the medians' 95 % intervals "
                f"overlap or one is unstable; {view.name}: {test_name} p ≥ 0.05, when the report has the test). The "
                f"{view.name} axis does not start at zero.")
+    caption += " " + timing_note(stages)  # a latency bar between two runtimes also measures the switch
     return ("<section><h2>What each stage did</h2><div class=\"row\">"
             + "".join(f"<figure>{f}</figure>" for f in figures)
             + f"</div><figcaption>{esc(caption)}</figcaption></section>")

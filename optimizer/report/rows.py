@@ -186,6 +186,49 @@ def _accuracy_note(report: dict[str, Any]) -> str:
     return f"Accuracy is {text}. Δ {view.name} is in {unit}; {tests} (n.s.: p ≥ 0.05, the change may be chance)."
 
 
+RUNTIME_NAMES = {"torch-eager": "PyTorch eager", "onnxruntime": "onnxruntime", "openvino": "OpenVINO",
+                 "tensorrt": "TensorRT"}
+
+
+def runtime_label(stage: dict[str, Any]) -> str:
+    """The runtime a stage's latency was timed on, for people: 'onnxruntime', 'OpenVINO f32', 'PyTorch eager'.
+
+    Reports from before ``latency.runtime`` existed name it only in the stage's runtime settings."""
+    settings = stage.get("runtime") or {}
+    name = (stage.get("latency") or {}).get("runtime") or settings.get("runtime") or "?"
+    label = RUNTIME_NAMES.get(name, name)
+    hint = settings.get("precision_hint")
+    return f"{label} {hint}" if name == "openvino" and hint else label
+
+
+def timing_note(stages: list[dict[str, Any]]) -> str:
+    """Which runtime timed each stage: the waterfall compares like with like only where it is one runtime."""
+    groups: list[tuple[str, list[str]]] = []
+    for s in stages:
+        lat = s.get("latency")
+        if not lat:
+            continue
+        label = runtime_label(s)
+        if lat.get("timed_via") == "export":
+            label += (f" through a throwaway export, in the torch stage's own precision "
+                      f"({str(s.get('precision') or 'fp32').upper()})")
+        if groups and groups[-1][0] == label:
+            groups[-1][1].append(s["name"])
+        else:
+            groups.append((label, [s["name"]]))
+    text = "Latency timed on: " + "; ".join(f"{', '.join(names)} on {label}" for label, names in groups) + "."
+    if any((s.get("latency") or {}).get("timed_via") == "export" for s in stages):
+        text += " Accuracy of those torch stages is measured on the torch model itself."
+    timed = [s for s in stages if s.get("latency")]
+    # Eager by choice (not a failed export): the speedup of the first stage after it mixes two effects.
+    eager = [i for i, s in enumerate(timed)
+             if runtime_label(s) == "PyTorch eager" and not s["latency"].get("deploy_fallback")]
+    if eager and any(runtime_label(s) != "PyTorch eager" for s in timed[eager[0]:]):
+        text += (" The first stage timed on another runtime than PyTorch eager also carries the change of runtime "
+                 "in its speedup; evaluate.latency.runtime: deploy times torch stages on the deployment runtime.")
+    return text
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     out = []
     stages = report["stages"]
@@ -207,6 +250,7 @@ def notes(report: dict[str, Any]) -> list[str]:
             "A speedup marked (n.s.) is not significant: the 95 % intervals of the medians overlap "
             "or one side is unstable."
         )
+        out.append(timing_note(stages))
         if "p99_ci95_ms" in lat:
             trials = (base.get("throughput") or {}).get("trials")
             out.append(
@@ -221,6 +265,9 @@ def notes(report: dict[str, Any]) -> list[str]:
     for s in stages:
         if s["status"] != "ok":
             out.append(f"Stage '{s['name']}' failed: {s.get('error')}")
+        fallback = (s.get("latency") or {}).get("deploy_fallback")
+        if fallback:
+            out.append(f"Stage '{s['name']}' was timed on PyTorch eager, not on the deployment runtime: {fallback}.")
         fidelity = (s.get("details") or {}).get("fidelity")
         if fidelity:
             reference = fidelity.get("reference", "PyTorch")
