@@ -219,24 +219,19 @@ def transformer_groups(model: "nn.Module", layers: list[str], ignored: list["nn.
     return out
 
 
-def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalGroup]) -> dict[str, tuple]:
-    """The hidden states each Transformer group's block receives (its first positional or hidden_states input)."""
+def _record_inputs(model: "nn.Module", example: tuple, targets: dict[str, "nn.Module"], pick) -> dict[str, tuple]:
+    """Run ``model`` on ``example`` once; for each target module, what ``pick(args, kwargs)`` makes of the inputs
+    of its first call (a tuple of tensors, or () when they cannot be timed on their own)."""
     import torch
 
     captured: dict[str, tuple] = {}
-    hooks = []
-    entry = {"heads": "attention", "mlp": "intermediate"}
 
-    def hook_for(name: str):
+    def hook_for(label: str):
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs.get("hidden_states")
-            if isinstance(hidden, torch.Tensor):
-                captured.setdefault(name, (hidden.detach().clone(),))
+            captured.setdefault(label, pick(args, kwargs))
         return hook
 
-    for g in groups:
-        module = model.get_submodule(f"{g.layer}.{entry[g.kind]}" if g.layer else entry[g.kind])
-        hooks.append(module.register_forward_pre_hook(hook_for(g.name), with_kwargs=True))
+    hooks = [module.register_forward_pre_hook(hook_for(label), with_kwargs=True) for label, module in targets.items()]
     try:
         with torch.no_grad():
             model(*example)
@@ -244,6 +239,20 @@ def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalG
         for h in hooks:
             h.remove()
     return captured
+
+
+def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalGroup]) -> dict[str, tuple]:
+    """The hidden states each Transformer group's block receives (its first positional or hidden_states input)."""
+    import torch
+
+    entry = {"heads": "attention", "mlp": "intermediate"}
+
+    def hidden_states(args: tuple, kwargs: dict) -> tuple:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        return (hidden.detach().clone(),) if isinstance(hidden, torch.Tensor) else ()
+
+    targets = {g.name: model.get_submodule(f"{g.layer}.{entry[g.kind]}" if g.layer else entry[g.kind]) for g in groups}
+    return _record_inputs(model, example, targets, hidden_states)
 
 
 def transformer_block_copy(layer: "nn.Module", g: LocalGroup, width: int) -> "nn.Module":
@@ -257,30 +266,16 @@ def transformer_block_copy(layer: "nn.Module", g: LocalGroup, width: int) -> "nn
 
 
 def capture_block_inputs(model: "nn.Module", example: tuple, blocks: list[str]) -> dict[str, tuple]:
-    """The positional tensor inputs each block receives on the example input."""
+    """The positional tensor inputs each block receives on the example input (() when it takes others)."""
     import torch
 
+    def positional_tensors(args: tuple, kwargs: dict) -> tuple:
+        if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+            return ()
+        return tuple(a.detach().clone() for a in args)
+
     modules = dict(model.named_modules())
-    captured: dict[str, tuple] = {}
-    hooks = []
-
-    def hook_for(name: str):
-        def hook(module, args, kwargs):
-            if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
-                captured[name] = ()
-            else:
-                captured.setdefault(name, tuple(a.detach().clone() for a in args))
-        return hook
-
-    for name in set(blocks):
-        hooks.append(modules[name].register_forward_pre_hook(hook_for(name), with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(*example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return captured
+    return _record_inputs(model, example, {name: modules[name] for name in set(blocks)}, positional_tensors)
 
 
 def _lowest(scores: np.ndarray, remove: int) -> list[int]:
