@@ -134,6 +134,34 @@ def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tm
     assert whole.timed == 1 and whole.reused == 0
 
 
+def test_the_unpruned_anchor_is_timed_again_with_any_new_block(tmp_path: Path, monkeypatch) -> None:
+    # A prediction adds block differences to the unpruned model's time: both must come from the same
+    # conditions, so a cached anchor is used only with cached blocks.
+    monkeypatch.setattr(TableBuilder, "BUSY", float("inf"))
+    cache = LatencyCache(tmp_path / "tables")
+    target = Target.here("onnxruntime", "fp32", 1)
+    args = (torch.zeros(1, 16, 14, 14),)
+    whole = nn.Sequential(Block(), Block()).eval()
+    items = [("whole", whole, args), ("wide", Block().eval(), args)]
+    first = TableBuilder(target, cache, "test")
+    first.times(items, lambda *a: None, anchor="whole")
+    assert first.timed == 2
+
+    again = TableBuilder(target, cache, "test")
+    again.times(items, lambda *a: None, anchor="whole")
+    assert again.timed == 0 and again.reused == 2  # everything cached: the anchor too
+
+    more = TableBuilder(target, cache, "test")
+    more.times(items + [("narrow", Block(hidden=32).eval(), args)], lambda *a: None, anchor="whole")
+    assert more.timed == 2 and more.reused == 1  # the new block and the anchor, side by side
+
+    # Blocks cached without their anchor (timed by an earlier version, or as plain blocks): all timed again.
+    alone = TableBuilder(target, cache, "test")
+    alone.times([("other whole", nn.Sequential(Block()).eval(), args), ("wide", Block().eval(), args)],
+                lambda *a: None, anchor="other whole")
+    assert alone.timed == 2 and alone.reused == 0
+
+
 def test_openvino_int8_table_times_a_block_on_its_real_inputs(tmp_path: Path, monkeypatch) -> None:
     # The timing worker binds each block's recorded inputs to an OpenVINO request; a tensor sharing the memory
     # of an array nobody kept alive crashed the worker (segmentation fault) on MobileNetV2 blocks.

@@ -407,11 +407,17 @@ def _machine_busy() -> float | None:
 class TableBuilder:
     """Times blocks and whole models; the ones to time are timed together in one fresh process.
 
-    Blocks go through the on-disk cache. Two kinds of figure never do: whole models (``fresh`` items), which
-    are always timed anew, next to each other in the same process, so that a speedup is a ratio of two
-    figures taken under the same conditions; and figures taken while the machine was busier than one
+    Blocks go through the on-disk cache. Two kinds of figure never do: whole models of a check (``fresh``
+    items), which are always timed anew, next to each other in the same process, so that a speedup is a ratio
+    of two figures taken under the same conditions; and figures taken while the machine was busier than one
     runnable task per CPU, which are used for this run but not stored, and cached ones of that kind are
     timed again.
+
+    The ``anchor`` (the unpruned whole model a table's prediction starts from) is cached with its blocks and
+    read from the cache only when every other item was too; whenever anything is timed, it is timed again
+    with it (and with no anchor in the cache, everything is). A table is a sum of differences added to the anchor, so the two must come from the same
+    conditions: a busy machine's whole-model time next to a quiet machine's block times made a reachable
+    target look out of reach.
     """
 
     BUSY = 1.0  # load average per usable CPU above which a figure is not stored
@@ -425,11 +431,24 @@ class TableBuilder:
         self.not_stored = 0
 
     def times(self, items: list[tuple[str, "nn.Module", tuple]], progress,
-              fresh: frozenset[str] = frozenset()) -> dict[str, float]:
-        """``items``: (label, module, args); labels in ``fresh`` bypass the cache. Returns {label: p50 ms}."""
+              fresh: frozenset[str] = frozenset(), anchor: str | None = None) -> dict[str, float]:
+        """``items``: (label, module, args); labels in ``fresh`` bypass the cache; ``anchor``: see the class.
+        Returns {label: p50 ms}."""
         from optimizer.measure.latency_table import BlockToTime, entry_key, export_for_timing, measure_blocks
         from optimizer.measure.latency_table import module_signature
 
+        keys: dict[str, str] = {}
+        cached: dict[str, dict | None] = {}
+        for label, module, args in items:
+            signature = module_signature(module, [tuple(a.shape) for a in args], [str(a.dtype) for a in args])
+            keys[label] = entry_key(signature, self.target) + ("-fresh" if label in fresh else "")
+            entry = None if label in fresh else self.cache.get(keys[label])
+            cached[label] = entry if entry is not None and (entry.get("busy") or 0) <= self.BUSY else None
+        if anchor is not None and any(cached[label] is None for label, _, _ in items if label != anchor):
+            cached[anchor] = None  # something is timed now: time the anchor with it
+        if anchor is not None and cached[anchor] is None and all(cached[label] for label, _, _ in items
+                                                                 if label != anchor):
+            cached = dict.fromkeys(cached)  # cached blocks, no anchor of their time: time them all together
         result: dict[str, float] = {}
         pending: list[tuple[str, str]] = []
         timed: dict[str, dict] = {}
@@ -437,10 +456,8 @@ class TableBuilder:
             to_time: list[BlockToTime] = []
             seen: set[str] = set()
             for index, (label, module, args) in enumerate(items):
-                signature = module_signature(module, [tuple(a.shape) for a in args], [str(a.dtype) for a in args])
-                key = entry_key(signature, self.target) + ("-fresh" if label in fresh else "")
-                entry = None if label in fresh else self.cache.get(key)
-                if entry is not None and (entry.get("busy") or 0) <= self.BUSY:
+                key, entry = keys[label], cached[label]
+                if entry is not None:
                     result[label] = float(entry["p50_ms"])
                     self.reused += 1
                     continue
@@ -525,7 +542,7 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
             else:
                 pruned_blocks[(g.name, w)] = transformer_block_copy(modules[g.layer], g, w)
             items.append((f"{g.name}@{w}", pruned_blocks[(g.name, w)], inputs[g.block]))
-    table = builder.times(items, progress, fresh=frozenset({base_label}))
+    table = builder.times(items, progress, anchor=base_label)
     base_ms = table[base_label]
     for g in groups:
         g.ms = [table[f"{g.name}@{w}"] for w in g.widths]
