@@ -89,3 +89,65 @@ def test_write_comparison_and_its_errors(tmp_path: Path) -> None:
         compare([first])
     with pytest.raises(RecipeError, match="no report.json"):
         compare([first, tmp_path / "missing"])
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_compare_names_the_runs_metric_in_the_accuracy_columns(tmp_path: Path) -> None:
+    from tests.test_metrics import _cosine_report
+
+    first = write_run(tmp_path / "emb_nncf", _cosine_report())
+    second_report = _cosine_report()
+    second_report["recipe"]["name"] = "emb_ort"
+    second = write_run(tmp_path / "emb_ort", second_report)
+    markdown, page = compare([first, second])
+    assert "| cosine agreement (95% CI) | Δ cosine agreement vs run base |" in markdown
+    assert "| 0.9931 (0.9911–0.9951) | -0.0069 (p=0.0005) |" in markdown   # in its units, not as a percentage
+    assert "Δ cosine agreement are against each run's own baseline" in markdown
+    assert "different accuracy metrics" not in markdown
+    assert "cosine agreement against p50 latency" in page
+    for rendering in (markdown, page):
+        assert "top-1" not in rendering and "Top-1" not in rendering
+
+
+def test_compare_top1_runs_read_as_before(tmp_path: Path) -> None:
+    markdown, page = compare(_two_runs(tmp_path))
+    assert "| top-1 % (95% CI) | Δ top-1 vs run base |" in markdown
+    assert "Speedup and Δ top-1 are against each run's own baseline." in markdown
+    assert "top-1 91.10 %" in markdown
+    assert "different accuracy metrics" not in markdown and "different accuracy metrics" not in page
+
+
+def test_compare_warns_when_runs_used_different_metrics(tmp_path: Path) -> None:
+    from tests.test_metrics import _cosine_report
+
+    top1 = write_run(tmp_path / "classifier", synthetic_report(optional=True, recipe_name="classifier"))
+    cosine_report = _cosine_report()
+    cosine_report["recipe"]["name"] = "embedder"
+    cosine = write_run(tmp_path / "embedder", cosine_report)
+    markdown, page = compare([top1, cosine])
+    warning = ("The runs were scored with different accuracy metrics (classifier: top-1; embedder: cosine agreement): "
+               "their accuracy is not comparable.")
+    assert f"**{warning}**" in markdown and warning in page
+    # No column can name both: each figure names its own metric, in its own units.
+    assert "| accuracy (95% CI) | Δ accuracy vs run base |" in markdown
+    assert "| classifier | int8 ★ | onnx | int8 | 0.23 | 91.10 % top-1 (90.54–91.66) |" in markdown
+    assert "| embedder | int8 ★ | onnx | int8 | 0.23 | 0.9931 cosine agreement (0.9911–0.9951) |" in markdown
+    assert "Speedup and Δ accuracy are against each run's own baseline." in markdown
+    # One axis cannot hold both: no chart, and the page says why.
+    assert "against p50 latency" not in page
+    assert "No chart: the runs were scored with different accuracy metrics" in page
+
+
+def test_compare_tells_python_metrics_apart_by_module(tmp_path: Path) -> None:
+    runs = []
+    for module in ("a", "b"):
+        report = synthetic_report(optional=False, recipe_name=f"run_{module}")
+        for stage in report["stages"]:
+            stage["accuracy"].update(metric=f"python:{module}.metrics:score", name="score", interval="wilson",
+                                     higher_is_better=True)
+        runs.append(write_run(tmp_path / module, report))
+    markdown, _ = compare(runs)
+    assert ("different accuracy metrics (run_a: score (python:a.metrics:score); run_b: score "
+            "(python:b.metrics:score))") in markdown

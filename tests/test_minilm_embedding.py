@@ -88,6 +88,14 @@ def test_recipe_reports_cosine_agreement_per_stage_within_budget(rotten_tomatoes
         assert low <= accuracy["value"] <= high
         test = stages[name]["vs_baseline"]["accuracy_test"]
         assert test["test"] == "sign-flip" and test["difference_ci95"][0] <= test["mean_difference"] < 0
+    # The passes' own checks gate on the cosine to their input's outputs (an embedding's arg-max is no class:
+    # the recipe no longer turns them off), with the top-1 agreement recorded only.
+    for name in ("int8", "openvino"):
+        assert "min_top1_agreement" not in next(s for s in recipe["stages"] if s["name"] == name)["with"]
+        fidelity = stages[name]["details"]["fidelity"]
+        assert fidelity["top1_gated"] is False and 0 <= fidelity["top1_agreement"] <= 1
+        assert fidelity["min_cosine"] == 0.98 and fidelity["cosine_mean"] >= 0.99
+        assert fidelity["samples"] == EVAL_SAMPLES
     # Only what the metric needs is kept: the baseline's embeddings of the eval samples, as float32.
     reference = np.load(out / "measurements" / "baseline" / "outputs.npy")
     assert reference.shape == (EVAL_SAMPLES, 384) and reference.dtype == np.float32

@@ -10,6 +10,7 @@ from pydantic import Field
 from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
+from optimizer.passes.output_agreement import check_cosine, gates_on_classes, min_cosine_field, record_cosine
 
 
 class CompileOpenVinoConfig(PassConfig):
@@ -37,9 +38,11 @@ class CompileOpenVinoConfig(PassConfig):
     rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance (f32 on a float model only).")
     min_top1_agreement: float = Field(
         default=0.98, ge=0, le=1,
-        description="Least fraction of samples whose top-1 class matches onnxruntime's (always checked; the only "
-        "check for INT8 or reduced-precision models, whose logits legitimately differ).",
+        description="Least fraction of samples whose top-1 class matches onnxruntime's (checked at every precision; "
+        "the only check for INT8 or reduced-precision models, whose logits legitimately differ). Recorded but not "
+        "checked when evaluate.accuracy.metric does not read classes (min_cosine is checked instead).",
     )
+    min_cosine: float = min_cosine_field()
 
 
 def is_quantized(model_path) -> bool:
@@ -118,13 +121,19 @@ class CompileOpenVino(Pass):
         # Elementwise tolerance only means something when both sides compute the same float math.
         fidelity["elementwise_checked"] = cfg.precision_hint == "f32" and not quantized
         fidelity["reference"] = "onnxruntime"
+        classes = gates_on_classes(ctx)
+        if not classes:
+            record_cosine(fidelity, reference, candidate, minimum=cfg.min_cosine)
         ctx.details["fidelity"] = fidelity
         if fidelity["elementwise_checked"] and not fidelity["within_tolerance"]:
             raise GateFailed(
                 f"stage '{ctx.stage}': OpenVINO outputs differ from onnxruntime beyond tolerance (max abs diff "
                 f"{fidelity['max_abs_diff']:.3g}, atol {cfg.atol}, rtol {cfg.rtol}); raise atol/rtol if expected"
             )
-        if fidelity["top1_agreement"] < cfg.min_top1_agreement:
+        if not classes:
+            check_cosine(fidelity, ctx.stage, "OpenVINO's", "onnxruntime's",
+                         "try precision_hint f32 or lower min_cosine")
+        elif fidelity["top1_agreement"] < cfg.min_top1_agreement:
             raise GateFailed(
                 f"stage '{ctx.stage}': OpenVINO agrees with onnxruntime on the top-1 class of only "
                 f"{fidelity['top1_agreement']:.1%} of {fidelity['samples']} samples (min_top1_agreement "

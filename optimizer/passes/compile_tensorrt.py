@@ -24,6 +24,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from optimizer.artifact import Artifact, sha256_file
 from optimizer.errors import GateFailed, MissingDependency, OptimizerError, RecipeError, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
+from optimizer.passes.output_agreement import check_cosine, gates_on_classes, min_cosine_field, record_cosine
 from optimizer.tensorrt_support import (
     ENGINE_FILE,
     INSTALL_MODELOPT,
@@ -87,8 +88,11 @@ class CompileTensorRTConfig(PassConfig):
     atol: float | None = Field(default=None, ge=0, description="Absolute tolerance (default depends on precision).")
     rtol: float | None = Field(default=None, ge=0, description="Relative tolerance (default depends on precision).")
     min_top1_agreement: float | None = Field(
-        default=None, ge=0, le=1, description="Least top-1 agreement with onnxruntime (default depends on precision)."
+        default=None, ge=0, le=1, description="Least top-1 agreement with onnxruntime (default depends on precision). "
+        "Recorded but not checked when evaluate.accuracy.metric does not read classes (min_cosine is checked "
+        "instead).",
     )
+    min_cosine: float = min_cosine_field()
 
     # Declared after the fields they compare, so info.data holds those.
     @field_validator("opt_batch")
@@ -371,11 +375,20 @@ class CompileTensorRT(Pass):
         fidelity = compare_outputs(reference, candidate.astype("float32"), atol=atol, rtol=rtol)
         fidelity["reference"] = "onnxruntime CPU on the input ONNX model"
         fidelity["min_top1_agreement"] = agreement
+        classes = gates_on_classes(ctx)
+        if not classes:
+            record_cosine(fidelity, reference, candidate, minimum=cfg.min_cosine)
         ctx.details["fidelity"] = fidelity
-        if not fidelity["within_tolerance"] or fidelity["top1_agreement"] < agreement:
+        if not fidelity["within_tolerance"] or (classes and fidelity["top1_agreement"] < agreement):
+            # The arg-max agreement is named only where it is a class agreement.
+            top1 = f", top-1 agreement {fidelity['top1_agreement']:.1%}, need {agreement:.0%}" if classes else ""
+            knobs = "atol/rtol/min_top1_agreement" if classes else "atol/rtol"
             raise GateFailed(
                 f"stage '{ctx.stage}': the {cfg.precision} engine differs from onnxruntime beyond tolerance "
-                f"(max abs diff {fidelity['max_abs_diff']:.3g}, atol {atol}, rtol {rtol}, top-1 agreement "
-                f"{fidelity['top1_agreement']:.1%}, need {agreement:.0%}); raise atol/rtol/min_top1_agreement if "
+                f"(max abs diff {fidelity['max_abs_diff']:.3g}, atol {atol}, rtol {rtol}{top1}); raise {knobs} if "
                 "the difference is expected, or try int8_fallback: fp32 / a higher precision"
             )
+        if not classes:
+            check_cosine(fidelity, ctx.stage, f"the {cfg.precision} engine's", "onnxruntime's",
+                         "lower min_cosine if the difference is expected, or try int8_fallback: fp32 / a higher "
+                         "precision")

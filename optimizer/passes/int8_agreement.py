@@ -1,8 +1,10 @@
 """The output-agreement gate of the INT8 passes: the quantized model against its FP32 input on eval samples.
 
 Export and compile check their output against their input; quantization changes outputs on purpose, so its
-check is the predicted class only. A budget on accuracy alone can miss a broken quantization: with no budget,
-a loose intermediate one, or an eval set where the wrong predictions happen to balance out.
+check is the predicted class only, or, when the recipe's metric reads no class (an embedding, a regression),
+the mean cosine similarity of the outputs (see ``output_agreement.py``). A budget on accuracy alone can miss a
+broken quantization: with no budget, a loose intermediate one, or an eval set where the wrong predictions
+happen to balance out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pydantic import Field
 from optimizer.artifact import Artifact
 from optimizer.errors import GateFailed
 from optimizer.passes.base import PassContext
+from optimizer.passes.output_agreement import check_cosine, gates_on_classes, record_cosine
 
 # Why 0.9: INT8 that works changes only predictions close to a decision boundary. Measured here: the
 # Fashion-MNIST example's INT8 agrees on 99.0 % (NNCF) and 99.4 % (onnxruntime) of 2,000 test images, and the
@@ -29,7 +32,8 @@ def min_top1_agreement_field() -> Any:
     return Field(
         default=DEFAULT_MIN_TOP1_AGREEMENT, ge=0, le=1,
         description="Least fraction of verify_samples eval samples whose top-1 class the INT8 model shares with "
-        "its FP32 input; below it the stage fails (exit 4). 0 turns the gate off.",
+        "its FP32 input; below it the stage fails (exit 4). 0 turns the gate off. Recorded but not checked when "
+        "evaluate.accuracy.metric does not read classes (min_cosine is checked instead).",
     )
 
 
@@ -40,10 +44,11 @@ def verify_samples_field() -> Any:
     )
 
 
-def check_top1_agreement(source: Artifact, result: Artifact, ctx: PassContext, *, samples: int,
-                         minimum: float) -> dict[str, Any]:
+def check_int8_agreement(source: Artifact, result: Artifact, ctx: PassContext, *, samples: int,
+                         minimum: float, min_cosine: float) -> dict[str, Any]:
     """Run ``source`` (FP32) and ``result`` (INT8) on the same runtime, that of their form, on the first
-    ``samples`` eval samples; record the comparison as ``ctx.details['fidelity']`` and fail below ``minimum``."""
+    ``samples`` eval samples; record the comparison as ``ctx.details['fidelity']`` and fail below ``minimum``
+    top-1 agreement, or, when the recipe's metric reads no class, below ``min_cosine`` mean cosine similarity."""
     from optimizer.passes.export_onnx import compare_outputs
 
     if result.form == "openvino":
@@ -59,13 +64,21 @@ def check_top1_agreement(source: Artifact, result: Artifact, ctx: PassContext, *
         raise GateFailed(f"stage '{ctx.stage}': the INT8 model's output shape {candidate.shape} differs from its "
                          f"FP32 input's {reference.shape}")
     fidelity = compare_outputs(reference, candidate, atol=0.0, rtol=0.0)
-    # INT8 logits differ from FP32's by design: the differences are recorded, only the top-1 class is gated.
+    # INT8 logits differ from FP32's by design: the differences are recorded; the top-1 class (or the cosine)
+    # is gated.
     for key in ("atol", "rtol", "within_tolerance"):
         fidelity.pop(key)
     fidelity.update(elementwise_checked=False, min_top1_agreement=minimum,
                     reference=f"the FP32 input ({runtime_cls.name})")
+    classes = gates_on_classes(ctx)
+    if not classes:
+        record_cosine(fidelity, reference, candidate, minimum=min_cosine)
     ctx.details["fidelity"] = fidelity
-    if fidelity["top1_agreement"] < minimum:
+    if not classes:
+        check_cosine(fidelity, ctx.stage, "the INT8 model's", "its FP32 input's",
+                     "check that data.calibration is preprocessed like data.eval, calibrate on more samples "
+                     "(subset_size), or lower min_cosine if the change is expected")
+    elif fidelity["top1_agreement"] < minimum:
         agreed = round(fidelity["top1_agreement"] * fidelity["samples"])
         raise GateFailed(
             f"stage '{ctx.stage}': the INT8 model agrees with its FP32 input on the top-1 class of only {agreed} of "

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from optimizer.artifact import Artifact
 from optimizer.errors import StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
-from optimizer.passes.int8_agreement import check_top1_agreement, min_top1_agreement_field, verify_samples_field
+from optimizer.passes.int8_agreement import check_int8_agreement, min_top1_agreement_field, verify_samples_field
 from optimizer.passes.onnx_io import calibration_indices, load_onnx, refuse_quantized, save_onnx, single_samples
+from optimizer.passes.output_agreement import min_cosine_field
 
 
 class IgnoredScopeConfig(BaseModel):
@@ -43,6 +44,7 @@ class QuantizeNncfConfig(PassConfig):
     )
     verify_samples: int = verify_samples_field()
     min_top1_agreement: float = min_top1_agreement_field()
+    min_cosine: float = min_cosine_field()
 
 
 class QuantizeNncf(Pass):
@@ -115,7 +117,8 @@ class QuantizeNncf(Pass):
         ctx.details["quantization"] = {"tool": "nncf", "version": nncf.__version__, **facts}
         result = self.new_artifact(artifact, ctx, entry=entry, form=artifact.form, meta=dict(artifact.meta),
                                    facts=facts)
-        check_top1_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement)
+        check_int8_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement,
+                             min_cosine=cfg.min_cosine)
         return result
 
     @staticmethod

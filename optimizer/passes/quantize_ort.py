@@ -11,8 +11,9 @@ from pydantic import Field
 from optimizer.artifact import Artifact
 from optimizer.errors import StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
-from optimizer.passes.int8_agreement import check_top1_agreement, min_top1_agreement_field, verify_samples_field
+from optimizer.passes.int8_agreement import check_int8_agreement, min_top1_agreement_field, verify_samples_field
 from optimizer.passes.onnx_io import calibration_samples, refuse_quantized
+from optimizer.passes.output_agreement import min_cosine_field
 from optimizer.models import check_onnx_external_data
 
 
@@ -35,6 +36,7 @@ class QuantizeOrtConfig(PassConfig):
     )
     verify_samples: int = verify_samples_field()
     min_top1_agreement: float = min_top1_agreement_field()
+    min_cosine: float = min_cosine_field()
 
 
 class QuantizeOrt(Pass):
@@ -112,5 +114,6 @@ class QuantizeOrt(Pass):
 
         ctx.details["quantization"] = {"tool": "onnxruntime", "version": onnxruntime.__version__, **facts}
         result = self.new_artifact(artifact, ctx, entry="model.onnx", meta=dict(artifact.meta), facts=facts)
-        check_top1_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement)
+        check_int8_agreement(artifact, result, ctx, samples=cfg.verify_samples, minimum=cfg.min_top1_agreement,
+                             min_cosine=cfg.min_cosine)
         return result

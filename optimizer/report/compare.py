@@ -2,7 +2,9 @@
 
 Latency is only comparable between runs measured the same way on the same machine and software, so
 the comparison lists every difference in the environments and in the latency settings, and says
-plainly when the figures should not be ranked against each other.
+plainly when the figures should not be ranked against each other. Accuracy is named after the runs'
+metric (``evaluate.accuracy.metric``); runs scored with different metrics are flagged, each figure is
+named after its own metric, and they share no chart.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from optimizer.measure.environment import differences
 from optimizer.report import charts
 from optimizer.report.html import cell_html, environment_rows, page
 from optimizer.report.markdown import md, table
+from optimizer.report.metric import MetricView, report_metric
 from optimizer.report.render import load_report
 from optimizer.report.rows import (
     Cell,
@@ -30,6 +33,41 @@ from optimizer.report.write import write_atomic
 
 COLUMNS = ["run", "stage", "form", "precision", "size MB", "top-1 % (95% CI)", "Δ top-1 vs run base",
            "p50 ms (95% CI)", "p99 ms (95% CI)", "speedup vs run base", "samples/s (95% CI)", "status"]
+# Where the accuracy columns are; columns() names them after the runs' metric (these are top-1's names).
+ACCURACY, ACCURACY_DELTA = 5, 6
+
+
+def _metric_key(view: MetricView) -> tuple[str, str, bool]:
+    # The interval kind may differ between runs of one python: metric; what is measured does not.
+    return view.metric, view.name, view.higher_is_better
+
+
+def shared_metric(views: Sequence[MetricView]) -> MetricView | None:
+    """The metric every run was scored with, or None when they differ."""
+    return views[0] if len({_metric_key(v) for v in views}) == 1 else None
+
+
+def columns(views: Sequence[MetricView]) -> list[str]:
+    """COLUMNS with the accuracy columns named after the runs' metric; 'accuracy' when the runs differ (each
+    cell then names its own metric)."""
+    shared = shared_metric(views)
+    out = list(COLUMNS)
+    out[ACCURACY] = shared.column if shared else "accuracy (95% CI)"
+    out[ACCURACY_DELTA] = shared.delta_column("run base") if shared else "Δ accuracy vs run base"
+    return out
+
+
+def metric_warning(labels: Sequence[str], views: Sequence[MetricView]) -> str | None:
+    """One sentence when the runs were scored with different metrics, naming each run's."""
+    if shared_metric(views) is not None:
+        return None
+    each = "; ".join(f"{label}: {_metric_label(view)}" for label, view in zip(labels, views))
+    return f"The runs were scored with different accuracy metrics ({each}): their accuracy is not comparable."
+
+
+def _metric_label(view: MetricView) -> str:
+    text = view.name if view.metric in ("top1", "top5", "agreement") else f"{view.name} ({view.metric})"
+    return text if view.higher_is_better else f"{text}, lower is better"
 
 
 def run_labels(run_dirs: Sequence[Path], reports: Sequence[dict[str, Any]]) -> list[str]:
@@ -53,11 +91,13 @@ def _latency_plan(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def comparability(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """(latency warnings, accuracy warnings): what differs between the first run and each other one."""
+    """(latency warnings, accuracy-data warnings): what differs between the first run and each other one."""
     latency, accuracy = [], []
     first_env = reports[0].get("environment") or {}
     first_plan = _latency_plan(reports[0])
     first_eval = ((reports[0].get("recipe") or {}).get("data") or {}).get("eval")
+    shared = shared_metric([report_metric(r) for r in reports])
+    measured_as = shared.name if shared else "accuracy"
     for label, report in zip(labels[1:], reports[1:]):
         env = report.get("environment") or {}
         diffs = differences(first_env, env)
@@ -69,24 +109,28 @@ def comparability(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> t
             latency.append(f"{labels[0]} vs {label}: " + "; ".join(sorted(diffs)))
         eval_spec = ((report.get("recipe") or {}).get("data") or {}).get("eval")
         if eval_spec != first_eval:
-            accuracy.append(f"{labels[0]} vs {label}: the eval data settings differ, so top-1 was measured on "
-                            "different samples")
+            accuracy.append(f"{labels[0]} vs {label}: the eval data settings differ, so {measured_as} was "
+                            "measured on different samples")
     return latency, accuracy
 
 
-def _rows(labels: Sequence[str], reports: Sequence[dict[str, Any]],
-          recs: Sequence[Recommendation | None]) -> list[tuple[str, list[Cell], bool, bool]]:
-    """(run label, cells, recommended in its run, failed) per stage of every run."""
+def _rows(labels: Sequence[str], reports: Sequence[dict[str, Any]], recs: Sequence[Recommendation | None],
+          views: Sequence[MetricView]) -> list[tuple[str, list[Cell], bool, bool]]:
+    """(run label, cells, recommended in its run, failed) per stage of every run. Each run's figures are
+    formatted in its own metric; under differing metrics each accuracy cell also names it."""
+    named = shared_metric(views) is None
     out = []
-    for label, report, rec in zip(labels, reports, recs):
+    for label, report, rec, view in zip(labels, reports, recs, views):
         for s in report.get("stages") or []:
             if "accuracy" in s and "latency" in s:
                 acc, lat = s["accuracy"], s["latency"]
+                # '91.20 % top-1', '0.9967 cosine agreement': a figure whose column cannot name its metric.
+                unit = ((" %" if view.percent else "") + f" {view.name}") if named else ""
                 cells = [
                     Cell(label), Cell(s["name"]), Cell(s.get("form") or "–"), Cell(s.get("precision") or "–"),
                     Cell(f"{s['size_bytes'] / 1e6:.2f}") if s.get("size_bytes") else Cell("–"),
-                    Cell(f"{acc['value'] * 100:.2f}", f"{acc['ci95'][0] * 100:.2f}–{acc['ci95'][1] * 100:.2f}"),
-                    accuracy_delta_cell(s.get("vs_baseline")),
+                    Cell(view.value(acc["value"]) + unit, view.interval(*acc["ci95"])),
+                    accuracy_delta_cell(s.get("vs_baseline"), view),
                     percentile_cell(lat, 50), percentile_cell(lat, 99), speed_cell(s.get("vs_baseline")),
                     throughput_cell(s.get("throughput")), Cell(s.get("status", "?")),
                 ]
@@ -101,24 +145,34 @@ def _rows(labels: Sequence[str], reports: Sequence[dict[str, Any]],
 def _fastest_overall(labels: Sequence[str], reports: Sequence[dict[str, Any]],
                      recs: Sequence[Recommendation | None]) -> str | None:
     """Across runs, the fastest recommended stage, and whether it is significantly faster than the next."""
-    chosen = [(label, rec.stage) for label, rec in zip(labels, recs) if rec is not None]
+    chosen = [(label, rec.stage, report_metric(report))
+              for label, report, rec in zip(labels, reports, recs) if rec is not None]
     if len(chosen) < 2:
         return None
     chosen.sort(key=lambda item: item[1]["latency"]["p50_ms"])
-    (best_label, best), (next_label, runner_up) = chosen[0], chosen[1]
+    (best_label, best, view), (next_label, runner_up, _) = chosen[0], chosen[1]
     sig = latency_differs(best["latency"], runner_up["latency"])
+    accuracy = f"{view.name} {view.value(best['accuracy']['value'])}{' %' if view.percent else ''}"
     return (f"Fastest recommended deployable: '{best['name']}' of {best_label} "
-            f"({best['latency']['p50_ms']:.3f} ms p50, top-1 {best['accuracy']['value'] * 100:.2f} %), "
+            f"({best['latency']['p50_ms']:.3f} ms p50, {accuracy}), "
             + (f"significantly faster than '{runner_up['name']}' of {next_label}." if sig else
                f"not significantly faster than '{runner_up['name']}' of {next_label} "
                f"({runner_up['latency']['p50_ms']:.3f} ms)."))
 
 
-def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
+def _delta_note(views: Sequence[MetricView]) -> str:
+    shared = shared_metric(views)
+    return f"Speedup and Δ {shared.name if shared else 'accuracy'} are against each run's own baseline."
+
+
+def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> str:
     lines = [f"# Comparison of {len(reports)} runs: {', '.join(md(label) for label in labels)}", ""]
     if latency_warn:
         lines += ["**The environments differ: latency figures are not comparable across these runs.**", ""]
         lines += [f"- {md(w)}" for w in latency_warn] + [""]
+    metric_warn = metric_warning(labels, views)
+    if metric_warn:
+        lines += [f"**{md(metric_warn)}**", ""]
     if accuracy_warn:
         lines += ["**Accuracy was measured on different data:**", ""] + [f"- {md(w)}" for w in accuracy_warn] + [""]
     for label, report in zip(labels, reports):
@@ -126,9 +180,9 @@ def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
     overall = _fastest_overall(labels, reports, recs)
     if overall and not latency_warn:
         lines += ["", md(overall)]
-    lines += ["", *table(COLUMNS, [[c.text + (" ★" if i == 1 and rec else "") for i, c in enumerate(cells)]
-                                    for _, cells, rec, _ in rows]), "",
-              "★ recommended deployable of its run. Speedup and Δ top-1 are against each run's own baseline."]
+    lines += ["", *table(columns(views), [[c.text + (" ★" if i == 1 and rec else "") for i, c in enumerate(cells)]
+                                          for _, cells, rec, _ in rows]), "",
+              f"★ recommended deployable of its run. {_delta_note(views)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +202,16 @@ def _env_table(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> str:
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def _html(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
+def _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> str:
     parts = [f"<header><h1>Comparison of {len(reports)} runs</h1>"
              f"<p class=\"meta\">{esc(', '.join(labels))}</p></header>"]
     if latency_warn:
         items = "".join(f"<li>{esc(w)}</li>" for w in latency_warn)
         parts.append('<div class="warn"><b>The environments differ: latency figures are not comparable across '
                      f"these runs.</b> Compare latency only within a run.<ul>{items}</ul></div>")
+    metric_warn = metric_warning(labels, views)
+    if metric_warn:
+        parts.append(f'<div class="warn"><b>{esc(metric_warn)}</b></div>')
     if accuracy_warn:
         items = "".join(f"<li>{esc(w)}</li>" for w in accuracy_warn)
         parts.append(f'<div class="warn"><b>Accuracy was measured on different data.</b><ul>{items}</ul></div>')
@@ -164,7 +221,7 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
     parts.append(f'<section class="verdict"><ul>{headlines}</ul>'
                  + (f"<p>{esc(overall)}</p>" if overall and not latency_warn else "") + "</section>")
 
-    head = "".join(f'<th scope="col">{esc(c)}</th>' for c in COLUMNS)
+    head = "".join(f'<th scope="col">{esc(c)}</th>' for c in columns(views))
     body = []
     for _, cells, rec, failed in rows:
         css = " ".join(c for c, on in (("rec", rec), ("failed", failed)) if on)
@@ -173,9 +230,15 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
                     + "".join(cell_html(c) for c in cells[2:]) + "</tr>")
     parts.append('<section><h2>Stages of every run</h2><div class="scroll"><table class="stages compare">'
                  f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
-                 '<p class="notes">★ recommended deployable of its run. Speedup and Δ top-1 are against each run\'s '
-                 "own baseline.</p></section>")
+                 f'<p class="notes">★ recommended deployable of its run. {esc(_delta_note(views))}</p></section>')
 
+    shared = shared_metric(views)
+    if shared is None:
+        # One vertical axis cannot hold figures in different metrics (nor different units).
+        parts.append("<section><h2>Accuracy against latency</h2><p>No chart: the runs were scored with different "
+                     "accuracy metrics, which one axis cannot compare.</p></section>")
+        parts.append("<section><h2>Environments</h2>" + _env_table(labels, reports) + "</section>")
+        return page(f"Comparison: {', '.join(labels)}", "".join(parts))
     points = []
     for k, (label, report, rec) in enumerate(zip(labels, reports, recs)):
         for s in report.get("stages") or []:
@@ -184,11 +247,13 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn) -> str:
                                                    tuple(s["latency"]["p50_ci95_ms"]), s["accuracy"]["value"],
                                                    tuple(s["accuracy"]["ci95"]), series=k,
                                                    recommended=rec is not None and rec.stage is s))
-    front = pareto_front([(p.latency_ms, p.accuracy) for p in points])
+    sign = 1.0 if shared.higher_is_better else -1.0  # the front keeps the better metric, whichever way that is
+    front = pareto_front([(p.latency_ms, sign * p.accuracy) for p in points])
     caveat = (" The environments differ, so the horizontal positions of different runs are not comparable."
               if latency_warn else "")
     parts.append("<section><h2>Accuracy against latency</h2><figure>"
-                 + charts.tradeoff_chart(points, several_series=True, width=1100, height=520)
+                 + charts.tradeoff_chart(points, several_series=True, width=1100, height=520, metric=shared.name,
+                                         percent=shared.percent, higher_is_better=shared.higher_is_better)
                  + charts.tradeoff_legend(series=labels)
                  + f"<figcaption>On the Pareto front: {esc(', '.join(points[i].label for i in front))}.{esc(caveat)}"
                    "</figcaption></figure></section>")
@@ -204,10 +269,11 @@ def compare(run_dirs: Sequence[Path | str]) -> tuple[str, str]:
     reports = [load_report(d) for d in dirs]
     labels = run_labels(dirs, reports)
     recs = [verdict(r).recommendation for r in reports]
-    rows = _rows(labels, reports, recs)
+    views = [report_metric(r) for r in reports]
+    rows = _rows(labels, reports, recs, views)
     latency_warn, accuracy_warn = comparability(labels, reports)
-    return (_markdown(labels, reports, recs, rows, latency_warn, accuracy_warn),
-            _html(labels, reports, recs, rows, latency_warn, accuracy_warn))
+    return (_markdown(labels, reports, recs, rows, latency_warn, accuracy_warn, views),
+            _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views))
 
 
 def write_comparison(run_dirs: Sequence[Path | str], out_dir: Path | str) -> list[Path]:

@@ -273,9 +273,15 @@ def notes(report: dict[str, Any]) -> list[str]:
             reference = fidelity.get("reference", "PyTorch")
             # The arg-max of an embedding or a regression is no class: its agreement is left out under such metrics.
             classes = report_metric(report).percent
+            # Under those metrics the check compares directions instead: the cosine figures, when recorded.
+            cosine = ""
+            if "cosine_mean" in fidelity:
+                cosine = (f", mean cosine similarity {fidelity['cosine_mean']:.4f} (lowest "
+                          f"{fidelity['cosine_min']:.4f})" if fidelity.get("cosine_over") == "sample"
+                          else f", cosine similarity over the eval samples {fidelity['cosine_mean']:.4f}")
             out.append(f"Stage '{s['name']}' fidelity vs {reference} on {fidelity['samples']} eval samples: max abs diff "
                        f"{fidelity['max_abs_diff']:.2e}, max rel diff {fidelity['max_rel_diff']:.2e}"
-                       + (f", top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %." if classes else "."))
+                       + (f", top-1 agreement {fidelity['top1_agreement'] * 100:.1f} %." if classes else f"{cosine}."))
         control = (s.get("details") or {}).get("accuracy_control")
         if control and "controlled_drop" in control:
             validation = control["validation"]
