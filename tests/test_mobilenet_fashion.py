@@ -167,8 +167,13 @@ def test_benchmark_quick_smoke_on_the_builtin_workload(example_checkpoint, tmp_p
     assert "Environment:" in result.stdout and "QUICK MODE" in result.stdout
     data = json.loads((out / "workloads.json").read_text())
     variants = {v["variant"]: v for v in data["workloads"]["fashion-resnet"]["variants"]}
-    assert set(variants) == {"eager", "ort-fp32", "ort-int8", "nncf-ir-ov", "recipe-int8-ov", "recipe-pdq-ov"}
+    assert set(variants) == {"eager", "ort-fp32", "ort-int8", "nncf-ir-ov", "recipe-int8-ov", "recipe-pdq-ov",
+                             "recipe-latency-prune-ov"}
+    # The built-in workload has no latency-pruning recipe: the variant is listed as skipped, with the reason.
+    assert "no latency-allocated pruning recipe" in variants["recipe-latency-prune-ov"]["skipped"]
     for name, entry in variants.items():
+        if name == "recipe-latency-prune-ov":
+            continue
         assert entry["skipped"] is None, (name, entry["skipped"])
         assert entry["p50_ms"] > 0 and 0 <= entry["top1"] <= 1
     assert variants["eager"]["speedup_vs_eager"][0] == pytest.approx(1.0)
