@@ -134,6 +134,29 @@ def test_latency_table_is_cached_and_invalidated_by_runtime_precision_and_cpu(tm
     assert whole.timed == 1 and whole.reused == 0
 
 
+def test_openvino_block_keeps_its_inputs_after_the_callers_arrays_are_gone(tmp_path: Path) -> None:
+    # The request outlives the arrays it was given: it must hold its own copy, not a view of freed memory.
+    pytest.importorskip("openvino")
+    import gc
+
+    import numpy as np
+
+    from optimizer.measure import latency_table_worker as worker
+    from optimizer.measure.latency_table import export_for_timing
+
+    args = (torch.randn(1, 16, 14, 14),)
+    export_for_timing(Block().eval(), args, tmp_path / "block.onnx")
+    expected = args[0].numpy().copy()
+    inputs = {"in0": args[0].numpy().copy()}
+    run = worker._openvino_runner(tmp_path / "block.onnx", inputs, 1)
+    inputs["in0"][:] = 0  # the caller reuses or frees its array; the bound input must not change with it
+    del inputs
+    gc.collect()
+    run()
+    bound = np.array(run.__self__.get_input_tensor(0).data)
+    np.testing.assert_array_equal(bound, expected)
+
+
 def test_the_unpruned_anchor_is_timed_again_with_any_new_block(tmp_path: Path, monkeypatch) -> None:
     # A prediction adds block differences to the unpruned model's time: both must come from the same
     # conditions, so a cached anchor is used only with cached blocks.

@@ -530,11 +530,14 @@ def test_fingerprint_records_the_git_revision_of_this_checkout():
     try:
         done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
     except FileNotFoundError:
-        pytest.skip("git is not installed")
-    if done.returncode != 0:
-        pytest.skip("the tests do not run from a git checkout (an unpacked source archive)")
-    head = done.stdout.strip()
+        done = None
     env = fingerprint()
+    if done is None or done.returncode != 0:
+        # No git, or tests run from an unpacked source archive: there is no revision to record, and the
+        # fingerprint must still be built.
+        assert env["toolkit_revision"] is None
+        return
+    head = done.stdout.strip()
     assert env["toolkit_revision"]["commit"] == head
     assert isinstance(env["toolkit_revision"]["modified"], bool)
     assert head[:12] in describe(env)

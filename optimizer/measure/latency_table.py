@@ -122,7 +122,7 @@ class BlockToTime:
     key: str
     onnx: Path
     label: str
-    inputs: Path | None = None
+    inputs: Path
     """An .npz of the block's real inputs (in0, in1...): calibration values for INT8 and the values timed.
     Token ids and attention masks need real values (a mask of 7s overflows the additive mask to inf)."""
 
@@ -156,7 +156,7 @@ def measure_blocks(blocks: list[BlockToTime], target: Target, *, where: str, tim
         request.write_text(json.dumps({
             "target": target.as_dict(),
             "blocks": [{"key": b.key, "onnx": str(b.onnx), "label": b.label,
-                        "inputs": str(b.inputs) if b.inputs else None} for b in blocks],
+                        "inputs": str(b.inputs)} for b in blocks],
             "result": str(result),
         }))
         env = worker_environment(target.threads, [Path.cwd()])

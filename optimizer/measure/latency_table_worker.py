@@ -1,8 +1,8 @@
 """Times ONNX blocks for a latency table, in a process of their own: ``python -m optimizer.measure.latency_table_worker REQUEST.json``.
 
 For each block: quantize it to INT8 with NNCF when the target precision is INT8 (the calibration values are
-the block's inputs on the model's example input, with noise, or random ones: they change the scales, never
-the kernels, so the time is that of the real INT8 model), open it on
+the block's inputs on the model's example input, with noise: they change the scales, never the kernels, so
+the time is that of the real INT8 model), open it on
 the target runtime with the target's threads (OpenVINO: precision hint f32 for float layers, latency hint,
 one stream, as compile.openvino deploys it) and bind one input. Then every block is timed with the toolkit's
 own loop in ROUNDS interleaved rounds (block 1, 2, ..., n, then again), and its figure is the smallest of
@@ -28,22 +28,6 @@ WARMUP_S = 0.05
 MIN_ITERATIONS = 60
 MIN_DURATION_S = 0.15
 MAX_DURATION_S = 2.0
-
-
-def _random_inputs(model_path: Path, seed: int) -> dict[str, np.ndarray]:
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-    for value in model.graph.input:
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in value.type.tensor_type.shape.dim]
-        elem = value.type.tensor_type.elem_type
-        if elem == onnx.TensorProto.INT64:
-            arrays[value.name] = rng.integers(0, 100, size=dims).astype(np.int64)
-        else:
-            arrays[value.name] = rng.standard_normal(dims).astype(np.float32)
-    return arrays
 
 
 def _real_inputs(path: Path) -> dict[str, np.ndarray]:
@@ -93,10 +77,9 @@ def _onnxruntime_runner(model_path: Path, inputs: dict[str, np.ndarray], threads
     return lambda: session.run(None, inputs)
 
 
-def prepare_block(model_path: Path, target: dict[str, Any], scratch: Path,
-                  inputs_path: Path | None = None) -> Callable[[], Any]:
-    """The block ready to run: quantized when the target is INT8, compiled, its input bound."""
-    inputs = _real_inputs(inputs_path) if inputs_path else _random_inputs(model_path, seed=0)
+def prepare_block(model_path: Path, target: dict[str, Any], scratch: Path, inputs_path: Path) -> Callable[[], Any]:
+    """The block ready to run: quantized when the target is INT8, compiled, its recorded inputs bound."""
+    inputs = _real_inputs(inputs_path)
     if target["precision"] == "int8":
         quantized = scratch / f"{model_path.stem}.int8.onnx"
         _quantize(model_path, quantized, inputs, target.get("quantization", "default"))
@@ -139,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             for block in request["blocks"]:
                 label = block["label"]
                 runners[block["key"]] = prepare_block(Path(block["onnx"]), target, Path(scratch),
-                                                      Path(block["inputs"]) if block.get("inputs") else None)
+                                                      Path(block["inputs"]))
             label = "timing"
             timings = time_rounds(runners)
     except Exception as exc:  # reported to the parent, which turns it into a one-line stage error

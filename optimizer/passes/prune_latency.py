@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,8 @@ class LocalGroup:
 
     ``kind`` "channels": a Torch-Pruning group (``handler`` cuts it, ``block`` is the module timed). "heads" and
     "mlp": a Transformer layer's attention heads or MLP width (:mod:`optimizer.passes.prune_transformer`),
-    cut on ``layer``; ``block`` then only names what is timed. ``unit``: the channels removed at a time (the
-    head size for heads).
+    cut on ``layer``; ``block`` then only names what is timed. ``unit``: the channels that can only go
+    together (the head size for heads, else 1).
     """
 
     name: str
@@ -94,6 +95,10 @@ class LocalGroup:
     unit: int = 1
     widths: list[int] = field(default_factory=list)
     ms: list[float] = field(default_factory=list)
+
+    def step(self, round_to: int) -> int:
+        """Widths are multiples of this: of round_to and of the unit."""
+        return math.lcm(max(1, round_to), self.unit)
 
     def members(self) -> dict[str, str]:
         """The model's modules this group's timing block stands for: model name -> name inside the block."""
@@ -215,7 +220,7 @@ def transformer_groups(model: "nn.Module", layers: list[str], ignored: list["nn.
         if not any(id(layer.get_submodule(p)) in ignored_ids for p in ("intermediate.dense", "output.dense")):
             out.append(LocalGroup(name=f"{prefix}intermediate:mlp", block=f"{prefix}intermediate+output", kind="mlp",
                                   layer=layer_name, channels=layer.get_submodule("intermediate.dense").out_features,
-                                  scores=pt.mlp_channel_scores(layer), unit=max(1, round_to)))
+                                  scores=pt.mlp_channel_scores(layer)))
     return out
 
 
@@ -242,7 +247,8 @@ def _record_inputs(model: "nn.Module", example: tuple, targets: dict[str, "nn.Mo
 
 
 def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalGroup]) -> dict[str, tuple]:
-    """The hidden states each Transformer group's block receives (its first positional or hidden_states input)."""
+    """The hidden states each Transformer group's block receives (its first positional or hidden_states input),
+    by the group's block name."""
     import torch
 
     entry = {"heads": "attention", "mlp": "intermediate"}
@@ -251,7 +257,8 @@ def capture_layer_inputs(model: "nn.Module", example: tuple, groups: list[LocalG
         hidden = args[0] if args else kwargs.get("hidden_states")
         return (hidden.detach().clone(),) if isinstance(hidden, torch.Tensor) else ()
 
-    targets = {g.name: model.get_submodule(f"{g.layer}.{entry[g.kind]}" if g.layer else entry[g.kind]) for g in groups}
+    targets = {g.block: model.get_submodule(f"{g.layer}.{entry[g.kind]}" if g.layer else entry[g.kind])
+               for g in groups}
     return _record_inputs(model, example, targets, hidden_states)
 
 
@@ -321,7 +328,7 @@ def allocate_uniform(groups: list[LocalGroup], base_ms: float, target_ms: float,
     def widths_at(fraction: float) -> dict[str, int]:
         out = {}
         for g in groups:
-            floor, step = min(g.widths), max(round_to, g.unit)
+            floor, step = min(g.widths), g.step(round_to)
             out[g.name] = int(min(g.channels, max(floor, round(g.channels * fraction / step) * step)))
         return out
 
@@ -415,9 +422,9 @@ class TableBuilder:
 
     The ``anchor`` (the unpruned whole model a table's prediction starts from) is cached with its blocks and
     read from the cache only when every other item was too; whenever anything is timed, it is timed again
-    with it (and with no anchor in the cache, everything is). A table is a sum of differences added to the anchor, so the two must come from the same
-    conditions: a busy machine's whole-model time next to a quiet machine's block times made a reachable
-    target look out of reach.
+    with it (and with no anchor in the cache, everything is). A table is a sum of differences added to the
+    anchor, so the two must come from the same conditions: a busy machine's whole-model time next to a quiet
+    machine's block times made a reachable target look out of reach.
     """
 
     BUSY = 1.0  # load average per usable CPU above which a figure is not stored
@@ -515,9 +522,7 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
                          f"choose ({len(kept)} coupled group(s) keep their width); use a channel ratio instead")
     channel_groups = [g for g in groups if g.kind == "channels"]
     inputs = capture_block_inputs(model, example, [g.block for g in channel_groups])
-    inputs.update({g.block: args for g in groups for name, args in
-                   capture_layer_inputs(model, example, [g for g in groups if g.kind != "channels"]).items()
-                   if name == g.name})
+    inputs.update(capture_layer_inputs(model, example, [g for g in groups if g.kind != "channels"]))
     modules = dict(model.named_modules())
     for g in list(groups):
         if not inputs.get(g.block):
@@ -531,8 +536,7 @@ def run_latency_allocation(tp, *, model: "nn.Module", example: tuple, ignored: l
     items: list[tuple[str, Any, tuple]] = [(base_label, model, example)]
     pruned_blocks: dict[tuple[str, int], Any] = {}
     for g in groups:
-        g.widths = candidate_widths(g.channels, max(round_to, g.unit) if g.kind != "channels" else round_to,
-                                    settings.min_width_ratio, settings.widths)
+        g.widths = candidate_widths(g.channels, g.step(round_to), settings.min_width_ratio, settings.widths)
         for w in g.widths:
             progress(f"cutting {g.block} to {w} channels")
             if g.kind == "channels":
