@@ -33,6 +33,18 @@ def example_checkpoint() -> Path:
     return EXAMPLE_CHECKPOINT
 
 
+@pytest.fixture(scope="session")
+def example_onnx(example_checkpoint: Path, tmp_path_factory) -> Path:
+    """The example exported to ONNX once per session, for the tests of the passes that take ONNX."""
+    from optimizer import run_recipe
+
+    recipe = quickstart_dict(example_checkpoint, eval_samples=1000)
+    recipe["stages"] = [{"name": "export", "pass": "export.onnx"}]
+    out = tmp_path_factory.mktemp("exported") / "out"
+    run_recipe(recipe, out=out)
+    return out / "final" / "model.onnx"
+
+
 def quickstart_dict(checkpoint: Path, *, quick: bool = True, eval_samples: int | None = 2000) -> dict:
     """The quick start recipe as a mapping, pointed at ``checkpoint``, with test-sized measurement."""
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())

@@ -108,15 +108,6 @@ def test_cosine_figures_appear_in_the_report_notes() -> None:
 # ------------------------------------------------------------------------------------------ passes
 
 
-@pytest.fixture(scope="module")
-def exported(example_checkpoint: Path, tmp_path_factory) -> Path:
-    recipe = quickstart_dict(example_checkpoint, eval_samples=600)
-    recipe["stages"] = [{"name": "export", "pass": "export.onnx"}]
-    out = tmp_path_factory.mktemp("exported") / "out"
-    run_recipe(recipe, out=out)
-    return out / "final" / "model.onnx"
-
-
 def _recipe(model: Path, stages: list[dict], accuracy: dict | None = None, eval_samples: int = 600) -> dict:
     """The example's ONNX export scored with ``accuracy`` (its logits then read as an embedding), no budget:
     only the passes' own checks can stop the run."""
@@ -128,19 +119,19 @@ def _recipe(model: Path, stages: list[dict], accuracy: dict | None = None, eval_
     return recipe
 
 
-def test_classifier_int8_gate_records_no_cosine(exported: Path, tmp_path: Path) -> None:
-    report = run_recipe(_recipe(exported, [{"name": "int8", "pass": "quantize.ort"}], {"metric": "top1"}),
+def test_classifier_int8_gate_records_no_cosine(example_onnx: Path, tmp_path: Path) -> None:
+    report = run_recipe(_recipe(example_onnx, [{"name": "int8", "pass": "quantize.ort"}], {"metric": "top1"}),
                         out=tmp_path / "o")
     fidelity = report.stage("int8")["details"]["fidelity"]
     assert fidelity["min_top1_agreement"] == 0.9 and fidelity["top1_agreement"] >= 0.97
     assert not {"cosine_mean", "cosine_min", "min_cosine", "top1_gated"} & set(fidelity)
 
 
-def test_embedding_int8_gate_ignores_top1_and_holds_the_cosine(exported: Path, tmp_path: Path) -> None:
+def test_embedding_int8_gate_ignores_top1_and_holds_the_cosine(example_onnx: Path, tmp_path: Path) -> None:
     """Every top-1 class asked to agree, which fails a classifier's INT8 (test_passes): under cosine agreement
     the arg-max is only recorded, and the outputs' cosine to the FP32 input's (0.9999 here) passes."""
     stages = [{"name": "int8", "pass": "quantize.ort", "with": {"min_top1_agreement": 1.0}}]
-    report = run_recipe(_recipe(exported, stages), out=tmp_path / "o")
+    report = run_recipe(_recipe(example_onnx, stages), out=tmp_path / "o")
     int8 = report.stage("int8")
     assert int8["status"] == "ok"
     fidelity = int8["details"]["fidelity"]
@@ -149,12 +140,12 @@ def test_embedding_int8_gate_ignores_top1_and_holds_the_cosine(exported: Path, t
     assert fidelity["cosine_over"] == "sample" and fidelity["samples"] == 512
 
 
-def test_embedding_int8_with_broken_calibration_exits_4_on_the_cosine(exported: Path, tmp_path: Path) -> None:
+def test_embedding_int8_with_broken_calibration_exits_4_on_the_cosine(example_onnx: Path, tmp_path: Path) -> None:
     """Calibration images without the model's normalization: the cosine of the INT8 outputs to FP32's falls to
     about 0.43, far below the default 0.98, and the stage fails with one line naming it."""
     from tests.test_end_to_end import run_cli
 
-    recipe = _recipe(exported, [{"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 300}}])
+    recipe = _recipe(example_onnx, [{"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 300}}])
     del recipe["data"]["calibration"]["mean"], recipe["data"]["calibration"]["std"]
     result = run_cli("run", str(write_recipe(tmp_path, recipe)), "--out", str(tmp_path / "out"))
     assert result.returncode == EXIT_GATE_FAILED, result.stderr[-2000:]
@@ -167,21 +158,21 @@ def test_embedding_int8_with_broken_calibration_exits_4_on_the_cosine(exported: 
     assert stage["details"]["fidelity"]["cosine_mean"] < 0.9
 
 
-def test_embedding_openvino_compile_gates_on_the_cosine(exported: Path, tmp_path: Path) -> None:
+def test_embedding_openvino_compile_gates_on_the_cosine(example_onnx: Path, tmp_path: Path) -> None:
     """bf16 moves the arg-max of a few logits in a thousand (no elementwise check at reduced precision): with
     every top-1 class of 2,000 asked to agree the stage passes under cosine agreement; asking for a cosine of
     exactly 1 fails it."""
     pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'optimizer[openvino]'")
     settings = {"precision_hint": "bf16", "min_top1_agreement": 1.0, "verify_samples": 2000}
     stages = [{"name": "ov", "pass": "compile.openvino", "with": settings}]
-    report = run_recipe(_recipe(exported, stages, eval_samples=2000), out=tmp_path / "a")
+    report = run_recipe(_recipe(example_onnx, stages, eval_samples=2000), out=tmp_path / "a")
     fidelity = report.stage("ov")["details"]["fidelity"]
     assert not fidelity["elementwise_checked"] and fidelity["top1_gated"] is False
     assert fidelity["top1_agreement"] < 1           # what a classifier's gate would have failed on
     assert fidelity["cosine_mean"] > 0.999 and fidelity["min_cosine"] == DEFAULT_MIN_COSINE
     stages = [{"name": "ov", "pass": "compile.openvino", "with": {**settings, "min_cosine": 1.0}}]
     with pytest.raises(GateFailed) as caught:
-        run_recipe(_recipe(exported, stages, eval_samples=2000), out=tmp_path / "b")
+        run_recipe(_recipe(example_onnx, stages, eval_samples=2000), out=tmp_path / "b")
     assert caught.value.exit_code == EXIT_GATE_FAILED
     message = str(caught.value)
     assert "\n" not in message

@@ -13,16 +13,6 @@ from optimizer.errors import EXIT_GATE_FAILED, GateFailed, InputRejected, Recipe
 from tests.conftest import quickstart_dict, write_recipe
 
 
-@pytest.fixture(scope="module")
-def exported(example_checkpoint: Path, tmp_path_factory) -> Path:
-    """The example exported to ONNX once, shared by the quantization tests."""
-    recipe = quickstart_dict(example_checkpoint, eval_samples=1000)
-    recipe["stages"] = [{"name": "export", "pass": "export.onnx"}]
-    out = tmp_path_factory.mktemp("exported") / "out"
-    run_recipe(recipe, out=out)
-    return out / "final" / "model.onnx"
-
-
 def onnx_recipe(model: Path, stages: list[dict], eval_samples: int = 2000) -> dict:
     recipe = quickstart_dict(model, eval_samples=eval_samples)
     del recipe["model"]["factory"], recipe["model"]["kwargs"]
@@ -30,8 +20,8 @@ def onnx_recipe(model: Path, stages: list[dict], eval_samples: int = 2000) -> di
     return recipe
 
 
-def test_quantize_ort_default_is_u8s8_qdq_and_keeps_accuracy(exported: Path, tmp_path: Path) -> None:
-    report = run_recipe(onnx_recipe(exported, [{"name": "int8", "pass": "quantize.ort"}]), out=tmp_path / "o")
+def test_quantize_ort_default_is_u8s8_qdq_and_keeps_accuracy(example_onnx: Path, tmp_path: Path) -> None:
+    report = run_recipe(onnx_recipe(example_onnx, [{"name": "int8", "pass": "quantize.ort"}]), out=tmp_path / "o")
     int8 = report.stage("int8")
     assert int8["precision"] == "int8"
     assert int8["details"]["quantization"]["activation_type"] == "uint8"
@@ -53,14 +43,14 @@ def test_quantize_ort_default_is_u8s8_qdq_and_keeps_accuracy(exported: Path, tmp
 TRAIN_SPLIT = {"dataset": "fashion-mnist", "split": "train", "mean": [0.2860], "std": [0.3530]}
 
 
-def test_accuracy_control_brings_a_broken_int8_back_within_max_drop(exported: Path, tmp_path: Path) -> None:
+def test_accuracy_control_brings_a_broken_int8_back_within_max_drop(example_onnx: Path, tmp_path: Path) -> None:
     """Calibration images at half the scale the model sees (std doubled, as a wrong normalization does)
     give plain INT8 activation ranges that clip: it loses several points. Accuracy control, choosing on
     data.validation, must revert operations to float until the drop is within max_drop; with max_drop
     ignored the controlled drop would be the plain one."""
     stages = [{"name": "int8", "pass": "quantize.nncf",
                "with": {"max_drop": 0.01, "accuracy_control_samples": 500, "subset_size": 300}}]
-    recipe = onnx_recipe(exported, stages)
+    recipe = onnx_recipe(example_onnx, stages)
     recipe["data"]["calibration"]["std"] = [0.706]
     recipe["data"]["validation"] = {**TRAIN_SPLIT, "samples": 500}
     report = run_recipe(recipe, out=tmp_path / "o")
@@ -83,10 +73,10 @@ def test_accuracy_control_brings_a_broken_int8_back_within_max_drop(exported: Pa
     assert "accuracy control on 500 validation samples (data.validation" in (tmp_path / "o" / "report.md").read_text()
 
 
-def test_accuracy_control_holds_out_calibration_samples_by_default(exported: Path, tmp_path: Path) -> None:
+def test_accuracy_control_holds_out_calibration_samples_by_default(example_onnx: Path, tmp_path: Path) -> None:
     stages = [{"name": "int8", "pass": "quantize.nncf",
                "with": {"max_drop": 0.005, "accuracy_control_samples": 1000, "subset_size": 200}}]
-    report = run_recipe(onnx_recipe(exported, stages), out=tmp_path / "o")
+    report = run_recipe(onnx_recipe(example_onnx, stages), out=tmp_path / "o")
     int8 = report.stage("int8")
     assert int8["status"] == "ok" and int8["details"]["quantization"]["quantize_nodes"] > 0
     # data.calibration has 1,000 samples: 200 calibrate, and only the other 800 may serve accuracy control.
@@ -100,9 +90,9 @@ def test_accuracy_control_holds_out_calibration_samples_by_default(exported: Pat
 
 
 @pytest.mark.parametrize("split", ["calibration", "validation"])
-def test_accuracy_control_refuses_to_choose_on_the_eval_set(exported: Path, tmp_path: Path, split: str) -> None:
+def test_accuracy_control_refuses_to_choose_on_the_eval_set(example_onnx: Path, tmp_path: Path, split: str) -> None:
     stages = [{"name": "int8", "pass": "quantize.nncf", "with": {"max_drop": 0.01, "subset_size": 100}}]
-    recipe = onnx_recipe(exported, stages, eval_samples=500)
+    recipe = onnx_recipe(example_onnx, stages, eval_samples=500)
     recipe["data"][split] = dict(recipe["data"]["eval"])
     with pytest.raises(RecipeError, match=rf"stage 'int8': all \d+ accuracy-control samples \(data.{split}\) "
                                           "are also in data.eval"):
@@ -110,20 +100,20 @@ def test_accuracy_control_refuses_to_choose_on_the_eval_set(exported: Path, tmp_
 
 
 @pytest.mark.parametrize("pass_name", ["quantize.nncf", "quantize.ort"])
-def test_int8_agreement_threshold_above_one_is_a_recipe_error(exported: Path, tmp_path: Path, pass_name: str) -> None:
-    recipe = onnx_recipe(exported, [{"name": "int8", "pass": pass_name, "with": {"min_top1_agreement": 1.01}}],
+def test_int8_agreement_threshold_above_one_is_a_recipe_error(example_onnx: Path, tmp_path: Path, pass_name: str) -> None:
+    recipe = onnx_recipe(example_onnx, [{"name": "int8", "pass": pass_name, "with": {"min_top1_agreement": 1.01}}],
                          eval_samples=300)
     with pytest.raises(RecipeError, match=r"stages\.0\.with\.min_top1_agreement: Input should be less than or equal to 1"):
         run_recipe(recipe, out=tmp_path / "o")
 
 
-def test_nncf_int8_gate_fails_when_some_predictions_change(exported: Path, tmp_path: Path) -> None:
+def test_nncf_int8_gate_fails_when_some_predictions_change(example_onnx: Path, tmp_path: Path) -> None:
     """Well-calibrated INT8 still moves about 1 % of the predictions (near a class boundary): asking for
     every one of 2,000 to agree must fail the stage, with the figures kept in the report."""
     stages = [{"name": "int8", "pass": "quantize.nncf",
                "with": {"subset_size": 300, "verify_samples": 2000, "min_top1_agreement": 1.0}}]
     with pytest.raises(GateFailed) as caught:
-        run_recipe(onnx_recipe(exported, stages), out=tmp_path / "o")
+        run_recipe(onnx_recipe(example_onnx, stages), out=tmp_path / "o")
     assert caught.value.exit_code == EXIT_GATE_FAILED
     message = str(caught.value)
     assert "\n" not in message
@@ -133,12 +123,12 @@ def test_nncf_int8_gate_fails_when_some_predictions_change(exported: Path, tmp_p
     assert stage["details"]["fidelity"]["samples"] == 2000 and 0.97 <= stage["details"]["fidelity"]["top1_agreement"] < 1
 
 
-def test_ort_int8_calibrated_without_normalization_exits_4(exported: Path, tmp_path: Path) -> None:
+def test_ort_int8_calibrated_without_normalization_exits_4(example_onnx: Path, tmp_path: Path) -> None:
     """Calibration images without the model's mean/std: the INT8 model agrees with FP32 on about 16 % of the
     eval images. With no accuracy budget at all, the default agreement gate alone stops the run."""
     from tests.test_end_to_end import run_cli
 
-    recipe = onnx_recipe(exported, [{"name": "int8", "pass": "quantize.ort"}], eval_samples=600)
+    recipe = onnx_recipe(example_onnx, [{"name": "int8", "pass": "quantize.ort"}], eval_samples=600)
     del recipe["data"]["calibration"]["mean"], recipe["data"]["calibration"]["std"]
     recipe["budget"] = {}
     result = run_cli("run", str(write_recipe(tmp_path, recipe)), "--out", str(tmp_path / "out"))
@@ -149,17 +139,17 @@ def test_ort_int8_calibrated_without_normalization_exits_4(exported: Path, tmp_p
     assert "min_top1_agreement 0.9" in last
 
 
-def test_quantizing_an_int8_model_again_is_refused(exported: Path, tmp_path: Path) -> None:
+def test_quantizing_an_int8_model_again_is_refused(example_onnx: Path, tmp_path: Path) -> None:
     stages = [{"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 100}},
               {"name": "again", "pass": "quantize.ort", "with": {"subset_size": 100}}]
-    recipe = onnx_recipe(exported, stages, eval_samples=300)
+    recipe = onnx_recipe(example_onnx, stages, eval_samples=300)
     recipe["budget"] = {}
     with pytest.raises(RecipeError, match="already quantized"):
         run_recipe(recipe, out=tmp_path / "o")
 
 
-def test_more_calibration_samples_than_available_is_an_error(exported: Path, tmp_path: Path) -> None:
-    recipe = onnx_recipe(exported, [{"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 500}}],
+def test_more_calibration_samples_than_available_is_an_error(example_onnx: Path, tmp_path: Path) -> None:
+    recipe = onnx_recipe(example_onnx, [{"name": "int8", "pass": "quantize.nncf", "with": {"subset_size": 500}}],
                          eval_samples=300)
     recipe["data"]["calibration"]["samples"] = 100
     with pytest.raises(InputRejected, match="500 calibration samples but data.calibration has 100"):
