@@ -335,6 +335,22 @@ class Budget(StrictModel):
         "agreement a fraction (0.01 = 1 point, at most 1); for cosine agreement and python: metrics in the "
         "metric's own units (a rise, when lower is better).",
     )
+    latency_p50_ms: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest allowed median single-stream latency in milliseconds (the measured p50 at "
+        "evaluate.latency.batch_size). Not a gate on each stage, since the stages before the fast ones are "
+        "slower by design: a stage over it is not within budget, so it is never recommended or published under "
+        "publish: recommended; a run in which no publishable stage meets it fails its gate (exit 4).",
+    )
+    latency_p90_ms: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest allowed 90th-percentile single-stream latency in milliseconds; judged like "
+        "latency_p50_ms.",
+    )
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -391,6 +407,13 @@ class Recipe(StrictModel):
                 raise ValueError(f"{where}.accuracy_drop: {budget.accuracy_drop:g} is more than all of metric "
                                  f"'{accuracy.metric}', a fraction (0.01 = 1 point); give a value from 0 to 1")
         return self
+
+    def budget_for(self, stage: Stage) -> Budget:
+        """The budget a stage is held to: each field the stage's own ``budget:`` sets, else the recipe's."""
+        if stage.budget is None:
+            return self.budget
+        own = stage.budget.model_dump(exclude_none=True)
+        return self.budget.model_copy(update=own)
 
 
 # -------------------------------------------------------------------------------------------- loading

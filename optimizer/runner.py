@@ -213,6 +213,8 @@ class Runner:
         records: list[dict[str, Any]] = []
         records.append(self._record("baseline", None, baseline, metrics, staging, details, None,
                                     time.perf_counter() - stage_start, cached))
+        # The baseline is held to the recipe's latency budget too: the verdict may tell users to keep it.
+        record_latency_budget(records[-1], recipe.budget)
         error: OptimizerError | None = self._gate_numerics(records[-1])
         self._baseline_predictions = self._predictions(staging, "baseline")
         if error is None and self._classifies() and _constant(self._baseline_predictions):
@@ -438,15 +440,19 @@ class Runner:
         return None
 
     def _gate_budget(self, record: dict[str, Any], baseline: dict[str, Any], stage) -> OptimizerError | None:
-        budget = stage.budget.accuracy_drop if stage.budget and stage.budget.accuracy_drop is not None \
-            else self.recipe.budget.accuracy_drop
+        limits = self.recipe.budget_for(stage)
+        # Latency limits are recorded for the recommendation (report/verdict.within_budget), never a gate here:
+        # the stages before the fast ones are slower by design, and the run's gate on them is that some
+        # publishable stage meets them (see _choose_publish).
+        record_latency_budget(record, limits)
+        budget = limits.accuracy_drop
         if budget is None:
             return None
         accuracy = self.recipe.evaluate.accuracy
         # The drop is how much worse the stage is, in the metric's units: a rise for a lower-is-better metric.
         drop = baseline["accuracy"]["value"] - record["accuracy"]["value"]
         drop = drop if accuracy.higher_is_better else -drop
-        record["budget"] = {"accuracy_drop": budget, "drop": drop}
+        record.setdefault("budget", {}).update({"accuracy_drop": budget, "drop": drop})
         if drop > budget + 1e-12:
             if accuracy.metric == "top1":
                 what = f"accuracy dropped {drop * 100:.2f} points, over the budget of {budget * 100:.2f}"
@@ -460,6 +466,14 @@ class Runner:
             return self._fail(record, f"stage '{record['name']}': {what}; relax budget.accuracy_drop or change the "
                                       "stage's settings")
         return None
+
+
+def record_latency_budget(record: dict[str, Any], budget) -> None:
+    """Put the budget's latency limits into a stage record, where the report's verdict reads them."""
+    limits = {name: getattr(budget, name) for name in ("latency_p50_ms", "latency_p90_ms")
+              if getattr(budget, name) is not None}
+    if limits:
+        record.setdefault("budget", {}).update(limits)
 
 
 def _constant(predictions: np.ndarray | None) -> bool:

@@ -289,6 +289,50 @@ def test_stage_names_must_be_folder_safe(recipe_file, name):
     assert "stages.0.name" in message
 
 
+# ------------------------------------------------------------------------------------------ budgets
+
+
+def test_latency_budgets_load_and_a_stage_overrides_field_by_field(recipe_file):
+    loaded = load_recipe(recipe_file, overrides={"budget.latency_p50_ms": 0.5, "budget.latency_p90_ms": 0.8,
+                                                 "stages.1.budget": {"latency_p50_ms": 0.25}})
+    recipe = loaded.recipe
+    assert recipe.budget.latency_p50_ms == 0.5 and recipe.budget.latency_p90_ms == 0.8
+    own = recipe.budget_for(recipe.stages[1])
+    assert (own.accuracy_drop, own.latency_p50_ms, own.latency_p90_ms) == (0.01, 0.25, 0.8)
+    assert recipe.budget_for(recipe.stages[0]) == recipe.budget
+
+
+@pytest.mark.parametrize("value", ["-0.5", "0", ".inf", "fast"])
+def test_latency_budget_must_be_a_positive_number(tmp_path, weights, value):
+    path, line = write_variant(tmp_path, weights, "  accuracy_drop: 0.01", f"  latency_p90_ms: {value}")
+    message = recipe_error(path)
+    assert message.startswith(f"{path}:{line}: budget.latency_p90_ms:"), message
+
+
+def test_stage_latency_budget_error_names_the_stage_and_line(tmp_path, weights):
+    path, line = write_variant(tmp_path, weights, "    with: {opset: 18}",
+                               "    with: {opset: 18}\n    budget: {latency_p50_ms: -1}")
+    message = recipe_error(path)
+    assert message.startswith(f"{path}:{line + 1}: stages.0.budget.latency_p50_ms:"), message
+    assert "greater than 0" in message
+
+
+def test_misspelled_latency_budget_gets_a_suggestion(tmp_path, weights):
+    path, line = write_variant(tmp_path, weights, "  accuracy_drop: 0.01", "  latency_p50: 0.5")
+    message = recipe_error(path)
+    assert message.startswith(f"{path}:{line}: budget.latency_p50: unknown key 'latency_p50'"), message
+    assert "did you mean 'latency_p50_ms'?" in message
+
+
+def test_cli_validate_negative_latency_budget_exits_2(tmp_path, weights):
+    path, line = write_variant(tmp_path, weights, "  accuracy_drop: 0.01", "  latency_p50_ms: -2")
+    result = optimizer_cli("validate", str(path), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"optimizer: error: {path}:{line}: budget.latency_p50_ms:")
+
+
 def test_quantize_without_calibration_data(recipe_file):
     message = recipe_error(recipe_file, overrides=["data.calibration=null"])
     assert "stages.1 (int8)" in message
