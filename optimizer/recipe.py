@@ -384,6 +384,14 @@ class Recipe(StrictModel):
     data: DataSection
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
     budget: Budget = Field(default_factory=Budget)
+    publish: Literal["recommended", "last"] = Field(
+        default="recommended",
+        description="Which stage's artifact goes to final/. 'recommended': the one the report recommends, the "
+        "fastest stage within all its budgets (accuracy and latency), where a later stage whose p50 is not "
+        "significantly slower wins the tie; the baseline and intermediate stages are never published, and when no "
+        "other stage is within its budget nothing is (exit 4, the previous final/ stays). 'last': the last stage, "
+        "whenever every stage passed its gates (latency budgets then only inform the report).",
+    )
     stages: list[Stage] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -333,6 +333,15 @@ def test_cli_validate_negative_latency_budget_exits_2(tmp_path, weights):
     assert lines[0].startswith(f"optimizer: error: {path}:{line}: budget.latency_p50_ms:")
 
 
+def test_publish_policy_defaults_to_recommended_and_rejects_other_values(tmp_path, weights, recipe_file):
+    assert load_recipe(recipe_file).recipe.publish == "recommended"
+    assert load_recipe(recipe_file, overrides=["publish=last"]).recipe.publish == "last"
+    path, line = write_variant(tmp_path, weights, "seed: 0", "seed: 0\npublish: best")
+    message = recipe_error(path)
+    assert message.startswith(f"{path}:{line + 1}: publish:"), message
+    assert "'recommended' or 'last'" in message
+
+
 def test_quantize_without_calibration_data(recipe_file):
     message = recipe_error(recipe_file, overrides=["data.calibration=null"])
     assert "stages.1 (int8)" in message
