@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from optimizer.errors import RecipeError
+from optimizer.search.space import SearchSection
 
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 STAGE_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
@@ -393,6 +394,11 @@ class Recipe(StrictModel):
         "whenever every stage passed its gates (latency budgets then only inform the report).",
     )
     stages: list[Stage] = Field(min_length=1)
+    search: SearchSection | None = Field(
+        default=None,
+        description="What `optimizer search` may change: optional stages, alternative passes, parameters of any "
+        "stage's `with` keys, and the screening data (`optimizer run` ignores it).",
+    )
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> "Recipe":
@@ -668,4 +674,8 @@ def load_recipe(
                 )
             ) from None
         stage.with_ = config.model_dump(mode="json")
+    if recipe.search is not None:
+        from optimizer.search.space import check_space
+
+        check_space(recipe, where=where, node=node)
     return LoadedRecipe(recipe, path, raw)
