@@ -92,6 +92,7 @@ def _check_recipe_text(path: Path) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from optimizer.progress import Progress
     from optimizer.report.terminal import stage_table
@@ -117,7 +118,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(table)
     for note in notes:
         console.print(f"- {note}", highlight=False)
-    console.print(f"report: {report.path / 'report.md'}" + (f"   artifact: {report.path / 'final'}" if report.passed else ""))
+    published = (report.data.get("publish") or {}).get("stage")
+    held = f" (stage '{escape(published)}')" if published else ""
+    console.print(f"report: {report.path / 'report.md'}" + (f"   artifact: {report.path / 'final'}{held}" if report.passed else ""))
     if error is not None:
         raise error
     return EXIT_OK

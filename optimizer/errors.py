@@ -22,7 +22,8 @@ EXIT_CODES_HELP = """exit codes:
   1    a stage failed inside a library (the message names the stage)
   2    usage or recipe error (nothing was run)
   3    input rejected: unsafe, corrupt or incompatible checkpoint, model or data
-  4    a gate failed: accuracy budget, export fidelity, NaN outputs (report still written)
+  4    a gate failed: accuracy budget, export fidelity, NaN outputs, nothing within budget to publish
+       (report still written)
   5    resource failure: disk full, out of memory
   6    output folder locked by another run
   130  interrupted"""

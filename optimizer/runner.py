@@ -49,10 +49,12 @@ from optimizer.preflight import (
     tree_size,
 )
 from optimizer.progress import Progress
+from optimizer.publish import build_final
 from optimizer.recipe import LoadedRecipe, Recipe, load_recipe
 from optimizer.registry import get_pass
 from optimizer.report.build import Report, build_report, stage_record
-from optimizer.report.write import write_final, write_reports
+from optimizer.report.verdict import choose_publish
+from optimizer.report.write import write_reports
 from optimizer.stage_cache import (
     CACHE_DIR_NAME,
     CachedStage,
@@ -275,8 +277,24 @@ class Runner:
         shutil.rmtree(staging / ".work", ignore_errors=True)
         report = build_report(self.loaded, environment, records, started=started)
         if report.passed:
-            write_final(report, current, staging / "final", self.loaded)
+            error = self._stage_final(report, artifacts, staging)
         return report, error
+
+    def _stage_final(self, report: Report, artifacts: dict[str, Artifact], staging: Path) -> OptimizerError | None:
+        """Build final/ in the staging folder from the stage the recipe's publish policy picks (the chooser the
+        report's verdict uses, so the two never disagree). When it picks none, the run fails its gate and the
+        previous final/ stays, as after any gate failure; the report and artifacts are still published."""
+        choice = choose_publish(report.data, self.recipe.publish)
+        report.data["publish"] = choice.to_dict()
+        if choice.stage is None:
+            report.data["passed"] = False
+            report.data["final"] = None
+            return GateFailed(f"publish: {choice.policy}: {choice.reason}; final/ was not updated (publish: last "
+                              "ships the last stage regardless)")
+        name = choice.stage["name"]
+        self.progress.log(escape(f"final/: stage '{name}' ({choice.reason})"))
+        build_final(artifacts[name], choice.stage, staging / "final", report=report.data, publish=choice.to_dict())
+        return None
 
     # -------------------------------------------------------------------------------------- stages
     def _produce(self, stage: str, key: str, parts: dict[str, Any],

@@ -221,6 +221,7 @@ def _latency_recipe(checkpoint: Path, prune_with: dict) -> dict:
         {"name": "bn", "pass": "recover.batchnorm", "with": {"batches": 8, "batch_size": 64}, "intermediate": True},
         {"name": "export", "pass": "export.onnx", "with": {"verify_samples": 64}, "intermediate": True},
     ]
+    recipe["publish"] = "last"  # every stage is intermediate, which publish: recommended never ships
     return recipe
 
 

@@ -255,6 +255,7 @@ def test_example_pruned_by_half_then_exported(example_checkpoint: Path, tmp_path
         {"name": "prune", "pass": "prune.structured", "with": {"ratio": 0.5, "round_to": 8}, "intermediate": True},
         {"name": "export", "pass": "export.onnx", "with": {"verify_samples": 64}, "intermediate": True},
     ]
+    recipe["publish"] = "last"  # every stage is intermediate, which publish: recommended never ships
     out = tmp_path / "o"
     report = run_recipe(recipe, out=out)
     baseline, prune, export = report.stage("baseline"), report.stage("prune"), report.stage("export")

@@ -107,5 +107,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _profile(report)
     lines += ["", f"Environment: {md(describe(report.get('environment') or {}))}"]
     if report.get("final"):
-        lines += ["", "Deployable artifact: `final/` (see `final/manifest.json`)."]
+        stage = (report.get("publish") or {}).get("stage")
+        held = f": stage '{md(stage)}'" if stage else ""
+        lines += ["", f"Deployable artifact: `final/`{held} (see `final/manifest.json`)."]
     return "\n".join(lines) + "\n"

@@ -113,6 +113,124 @@ def within_budget(stage: dict[str, Any]) -> bool:
     return not budget_breaches(stage)
 
 
+def intermediate_names(report: dict[str, Any]) -> set[str]:
+    """Stages the recipe marks intermediate: results a later stage repairs, never deployed."""
+    recipe_stages = (report.get("recipe") or {}).get("stages") or []
+    return {s.get("name") for s in recipe_stages if isinstance(s, dict) and s.get("intermediate")}
+
+
+def publishable(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stages that may go to final/, in recipe order: measured, within every budget, neither the baseline
+    (the model the user already has) nor an intermediate stage."""
+    stages = report.get("stages") or []
+    skip = intermediate_names(report)
+    return [s for s in stages[1:] if measured(s) and within_budget(s) and s.get("name") not in skip]
+
+
+def _p50(stage: dict[str, Any]) -> float:
+    return float(stage["latency"]["p50_ms"])
+
+
+def _deployable(candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    # A torch stage timed through a throwaway export runs that fast only once exported, so its own artifact is not
+    # what its figure describes: a stage holding an exported artifact is preferred, when one qualifies.
+    exported = [s for s in candidates if (s.get("latency") or {}).get("timed_via") != "export"]
+    return exported or candidates
+
+
+@dataclass(frozen=True)
+class PublishChoice:
+    """The stage ``optimizer run`` puts into final/ under a publish policy, and why, in one sentence."""
+
+    policy: str                      # "recommended" or "last"
+    stage: dict[str, Any] | None     # None: nothing may be published
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The form report.json and final/manifest.json keep."""
+        return {"policy": self.policy, "stage": self.stage["name"] if self.stage else None, "reason": self.reason}
+
+
+def choose_publish(report: dict[str, Any], policy: str = "recommended") -> PublishChoice:
+    """The stage to publish, from report.json alone: the chooser behind both final/ and the verdict.
+
+    'recommended': the fastest publishable stage by p50; a later stage whose p50 is not significantly slower
+    (report/build.py's rule, latency_differs) wins the tie, so noise between two equally fast stages never flips
+    the shipped artifact away from the recipe's end. 'last': the recipe's last stage, whatever its budget says.
+    """
+    stages = report.get("stages") or []
+    last = stages[-1] if len(stages) > 1 else None
+    if policy == "last":
+        if last is None or not measured(last):
+            return PublishChoice(policy, None, "the last stage has no measurements")
+        reason = "publish: last, the recipe's last stage"
+        breaches = budget_breaches(last)
+        if breaches:
+            reason += f", although it is outside its budget ({'; '.join(breaches)})"
+        better = choose_publish(report, "recommended").stage
+        if better is not None and better is not last:
+            reason += f"; publish: recommended would ship '{better['name']}' (p50 {_p50(better):.3f} ms)"
+        return PublishChoice(policy, last, reason)
+    candidates = publishable(report)
+    if not candidates:
+        return PublishChoice(policy, None, _nothing_within_budget(report))
+    pool = _deployable(candidates)
+    fastest = min(pool, key=_p50)
+    chosen = next(s for s in reversed(pool) if s is fastest or not latency_differs(s["latency"], fastest["latency"]))
+    return PublishChoice(policy, chosen, _publish_reason(report, chosen, fastest, last))
+
+
+def _publish_reason(report: dict[str, Any], chosen: dict[str, Any], fastest: dict[str, Any],
+                    last: dict[str, Any] | None) -> str:
+    if chosen is fastest:
+        text = f"fastest within budget: p50 {_p50(chosen):.3f} ms"
+    else:
+        text = (f"within budget at p50 {_p50(chosen):.3f} ms, not significantly slower than the fastest, "
+                f"'{fastest['name']}' at {_p50(fastest):.3f} ms, and later in the recipe")
+    if last is None or chosen is last:
+        return text + "; the recipe's last stage"
+    name = last["name"]
+    if name in intermediate_names(report):
+        return text + f"; the last stage, '{name}', is intermediate"
+    if not measured(last):
+        return text + f"; the last stage, '{name}', has no measurements"
+    breaches = budget_breaches(last)
+    if breaches:
+        return text + f"; the last stage, '{name}', is outside its budget ({'; '.join(breaches)})"
+    if last not in _deployable(publishable(report)):
+        return text + f"; the last stage, '{name}', was timed through a throwaway export, not as it is"
+    significant = "significant" if latency_differs(chosen["latency"], last["latency"]) else "not significant"
+    return text + f" vs {_p50(last):.3f} ms for stage '{name}'; difference {significant}"
+
+
+def _nothing_within_budget(report: dict[str, Any]) -> str:
+    stages = report.get("stages") or []
+    skip = intermediate_names(report)
+    if stages[1:] and all(s.get("name") in skip for s in stages[1:]):
+        return ("every stage of the recipe is intermediate (a result a later stage repairs), and those are never "
+                "published; set intermediate: false on the stage to ship")
+    outside = [f"'{s['name']}' {', '.join(budget_breaches(s))}" for s in stages[1:]
+               if measured(s) and s.get("name") not in skip and budget_breaches(s)]
+    text = "no stage other than the baseline and intermediate stages is within its budget"
+    if outside:
+        shown = "; ".join(outside[:3]) + (f"; and {len(outside) - 3} more" if len(outside) > 3 else "")
+        text += f" ({shown})"
+    return text + "; relax the budget or change the stages"
+
+
+def final_stage(report: dict[str, Any]) -> dict[str, Any] | None:
+    """The stage whose artifact final/ holds, when the run published one."""
+    stages = report.get("stages") or []
+    if not stages or not report.get("final"):
+        return None
+    published = report.get("publish")
+    if isinstance(published, dict):
+        found = [s for s in stages if s.get("name") == published.get("stage") and measured(s)]
+        return found[0] if found else None
+    # Reports written before the publish policy existed: final/ held the last stage of a passed run.
+    return stages[-1] if report.get("passed") and measured(stages[-1]) else None
+
+
 @dataclass
 class Recommendation:
     stage: dict[str, Any]
@@ -122,27 +240,50 @@ class Recommendation:
 
 
 def recommend(report: dict[str, Any]) -> Recommendation | None:
-    """The stage to deploy: the fastest measured stage within its budget (accuracy and latency). The stage in final/
-    wins whenever its latency is not significantly different from the fastest, because it is the one a
-    deployer already has, packaged with a manifest."""
+    """The stage to deploy: the fastest measured stage within its budget (accuracy and latency), among the
+    publishable stages (choose_publish's) and the baseline. The stage in final/ wins whenever its latency is
+    not significantly different from the fastest, because it is the one a deployer already has, packaged
+    with a manifest. None when the baseline has no measurements or nothing is within budget."""
     stages = report.get("stages") or []
     if not stages or not measured(stages[0]):
         return None
-    candidates = [s for s in stages if measured(s) and within_budget(s)]
-    # A torch stage timed through a throwaway export runs that fast only once exported, so its own artifact is not
-    # what its figure describes: a stage holding an exported artifact is recommended instead, when one qualifies.
-    deployable = [s for s in candidates if (s.get("latency") or {}).get("timed_via") != "export"]
-    fastest = min(deployable or candidates, key=lambda s: s["latency"]["p50_ms"])
-    final_stage = stages[-1] if report.get("passed") and report.get("final") and measured(stages[-1]) else None
+    baseline = stages[0]
+    candidates = ([baseline] if within_budget(baseline) else []) + publishable(report)
+    if not candidates:
+        return None
+    fastest = min(_deployable(candidates), key=_p50)
+    final = final_stage(report)
     remarks: list[str] = []
-    if final_stage is not None and final_stage in candidates and (
-            final_stage is fastest or not latency_differs(final_stage["latency"], fastest["latency"])):
-        return Recommendation(final_stage, True, final_stage, remarks)
-    if final_stage is not None:
-        remarks.append(f"final/ holds '{final_stage['name']}', but '{fastest['name']}' is significantly faster "
-                       f"({final_stage['latency']['p50_ms']:.3f} ms vs {fastest['latency']['p50_ms']:.3f} ms p50); "
-                       f"consider ending the recipe at '{fastest['name']}'.")
-    return Recommendation(fastest, False, final_stage, remarks)
+    if final is not None and final in candidates and (
+            final is fastest or not latency_differs(final["latency"], fastest["latency"])):
+        return Recommendation(final, True, final, remarks)
+    if final is not None:
+        policy = (report.get("publish") or {}).get("policy")
+        if final not in candidates:
+            remarks.append(f"final/ holds '{final['name']}' (publish: {policy or 'last'}), which is outside its "
+                           f"budget ({'; '.join(budget_breaches(final)) or 'intermediate'}).")
+        else:
+            text = (f"final/ holds '{final['name']}', but '{fastest['name']}' is significantly faster "
+                    f"({_p50(final):.3f} ms vs {_p50(fastest):.3f} ms p50)")
+            if fastest is baseline:
+                text += "; the optimized stages within budget are slower than the model they started from."
+            elif policy == "last":
+                text += "; publish: recommended would ship it."
+            else:
+                text += f"; consider ending the recipe at '{fastest['name']}'."
+            remarks.append(text)
+    return Recommendation(fastest, False, final, remarks)
+
+
+def publish_sentence(report: dict[str, Any]) -> str | None:
+    """Which stage went to final/ and why (None for reports from before the publish policy)."""
+    published = report.get("publish")
+    if not isinstance(published, dict):
+        return None
+    if published.get("stage") and report.get("final"):
+        return (f"Published to final/: '{published['stage']}' (publish: {published.get('policy')}): "
+                f"{published.get('reason')}.")
+    return f"Nothing was published (publish: {published.get('policy')}): {published.get('reason')}; final/ was not updated."
 
 
 def _pct(value: float) -> str:
@@ -245,13 +386,18 @@ def verdict(report: dict[str, Any]) -> Verdict:
         first = failed[0]
         sentences.append(f"The run failed at stage '{first['name']}': {first.get('error') or 'no error recorded'}. "
                          "final/ was not updated.")
+    published = publish_sentence(report) if not failed else None
     if rec is None:
+        sentences += [published] if published else []
+        if stages and measured(stages[0]):
+            return Verdict("Nothing to recommend: no stage, the baseline included, is within its budget.",
+                           sentences, None)
         return Verdict("No conclusion: the baseline has no measurements.", sentences, None)
     stage, baseline = rec.stage, stages[0]
     where = " (in final/)" if rec.in_final else ""
     if stage is baseline:
         headline = "Keep the baseline: no stage within the budget is faster."
-        if rec.final_stage is not None and rec.final_stage is not baseline:
+        if rec.final_stage is not None and rec.final_stage is not baseline and not rec.remarks:
             sentences.append(f"final/ holds '{rec.final_stage['name']}', which is not faster than the baseline.")
     else:
         significant = latency_differs(stage["latency"], baseline["latency"])
@@ -262,6 +408,7 @@ def verdict(report: dict[str, Any]) -> Verdict:
         extra = cost_sentence(stage, baseline)
         if extra:
             sentences.append(extra)
+    sentences += [published] if published else []
     sentences.extend(rec.remarks)
     if any((s.get("latency") or {}).get("mode") == "quick" for s in stages):
         sentences.append("Latency was measured in quick mode: figures for smoke tests, not for decisions.")
