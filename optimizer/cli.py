@@ -54,6 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--cache", type=Path, metavar="DIR",
                      help="stage cache folder, shareable between output folders (default: OUT/.cache)")
 
+    search = commands.add_parser(
+        "search", help="search the recipe's search: space for the best artifact within its budgets",
+        epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    search.add_argument("recipe", type=Path, help="recipe YAML file with a search: section")
+    search.add_argument("--out", type=Path, required=True, help="search folder (study journal, trials, final/)")
+    search.add_argument("--trials", type=int, help="trials in the study, counting those of a resumed search "
+                                                   "(default: search.trials)")
+    search.add_argument("--timeout", type=float, metavar="MIN", help="start no new trial after this many minutes")
+    search.add_argument("--workers", type=int, default=1, help="trials run at once (default 1)")
+    search.add_argument("--ray", metavar="ADDRESS|local",
+                        help="run trials as Ray tasks: 'local' starts a Ray on this machine, else the address of a "
+                             "running cluster ('auto', ray://HOST:10001); needs optimizer[ray]")
+    search.add_argument("--resume", action="store_true", help="continue the search in --out")
+    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe value, e.g. --set budget.latency_p50_ms=0.1 (repeatable)")
+    search.add_argument("--quiet", action="store_true", help="print only the result")
+
     validate = commands.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe", type=Path)
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -123,6 +140,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(f"report: {report.path / 'report.md'}" + (f"   artifact: {report.path / 'final'}{held}" if report.passed else ""))
     if error is not None:
         raise error
+    return EXIT_OK
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from optimizer.search.driver import run_search
+
+    _check_recipe_text(args.recipe)
+
+    def log(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    result = run_search(args.recipe, out=args.out, trials=args.trials, timeout_min=args.timeout,
+                        workers=args.workers, ray=args.ray, resume=args.resume, overrides=args.overrides, log=log)
+    chosen = result.report["chosen"]
+    print(f"chosen: trial {chosen['trial']} ({chosen['label']}): accuracy {chosen['accuracy']:.4f}, "
+          f"p50 {chosen['p50_ms']:.4f} ms")
+    print(f"report: {result.out / 'search.md'}   artifact: {result.out / 'final'}")
     return EXIT_OK
 
 
@@ -213,7 +248,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"run": _cmd_run, "validate": _cmd_validate, "passes": _cmd_passes, "schema": _cmd_schema,
+    handler = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate, "passes": _cmd_passes, "schema": _cmd_schema,
                "report": _cmd_report, "compare": _cmd_compare, "profile": _cmd_profile}[args.command]
     try:
         return handler(args)

@@ -34,6 +34,7 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
     from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations, time_trials
+    from optimizer.measure.timing_lock import timing_lock
     from optimizer.runtimes.base import open_runtime
 
     artifact = Artifact.load(request["artifact"])
@@ -65,42 +66,44 @@ def measure(request: dict) -> dict:
         return {"accuracy": accuracy, "non_finite_outputs": non_finite, "accuracy_test": accuracy_test,
                 "runtime": settings}
 
-    spec = request["latency"]
-    plan = TimingPlan.from_spec(spec)
-    latency, raw_ms = time_trials(lambda: runtime.run(first_batch), plan, int(spec.get("trials", 1)),
-                                  lambda f: _progress("latency", f))
-    latency["batch_size"] = latency_batch
-    latency["runtime"] = runtime.name  # the report says per stage where its latency was timed
-    np.save(request["raw_times_npy"], raw_ms)
-    _progress("latency", 1.0)
+    # Timing waits for the machine's timing lock when a search runs several trials at once (timing_lock.py).
+    with timing_lock():
+        spec = request["latency"]
+        plan = TimingPlan.from_spec(spec)
+        latency, raw_ms = time_trials(lambda: runtime.run(first_batch), plan, int(spec.get("trials", 1)),
+                                      lambda f: _progress("latency", f))
+        latency["batch_size"] = latency_batch
+        latency["runtime"] = runtime.name  # the report says per stage where its latency was timed
+        np.save(request["raw_times_npy"], raw_ms)
+        _progress("latency", 1.0)
 
-    throughput_size = fixed or request["latency"]["throughput_batch_size"]
-    throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
-    throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan,
-                                    int(spec.get("trials", 1)))
-    _progress("throughput", 1.0)
+        throughput_size = fixed or request["latency"]["throughput_batch_size"]
+        throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
+        throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan,
+                                        int(spec.get("trials", 1)))
+        _progress("throughput", 1.0)
 
-    sweep = []
-    for size in spec.get("batch_sizes") or []:
-        if fixed and size != fixed:
-            sweep.append({"batch_size": size, "skipped": f"the model's batch is fixed at {fixed}"})
-            continue
-        batch = _fixed_batch(inputs, size, request["seed"] + 2)
-        summary, _ = time_iterations(lambda b=batch: runtime.run(b), sweep_plan(plan))
-        sweep.append({
-            "batch_size": size,
-            "p50_ms": summary["p50_ms"],
-            "p50_ci95_ms": summary["p50_ci95_ms"],
-            "samples_per_s": summary["iterations"] * size / max(summary["duration_s"], 1e-9),
-            "unstable": summary["unstable"],
-        })
-        _progress("sweep", len(sweep) / len(spec["batch_sizes"]))
+        sweep = []
+        for size in spec.get("batch_sizes") or []:
+            if fixed and size != fixed:
+                sweep.append({"batch_size": size, "skipped": f"the model's batch is fixed at {fixed}"})
+                continue
+            batch = _fixed_batch(inputs, size, request["seed"] + 2)
+            summary, _ = time_iterations(lambda b=batch: runtime.run(b), sweep_plan(plan))
+            sweep.append({
+                "batch_size": size,
+                "p50_ms": summary["p50_ms"],
+                "p50_ci95_ms": summary["p50_ci95_ms"],
+                "samples_per_s": summary["iterations"] * size / max(summary["duration_s"], 1e-9),
+                "unstable": summary["unstable"],
+            })
+            _progress("sweep", len(sweep) / len(spec["batch_sizes"]))
 
-    profile = None
-    if request.get("profile"):
-        _progress("profile", 0.0)
-        profile = runtime.profile(first_batch, iterations=50 if plan.mode == "quick" else 200)
-        _progress("profile", 1.0)
+        profile = None
+        if request.get("profile"):
+            _progress("profile", 0.0)
+            profile = runtime.profile(first_batch, iterations=50 if plan.mode == "quick" else 200)
+            _progress("profile", 1.0)
 
     result = {
         "accuracy": accuracy,

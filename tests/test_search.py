@@ -1,0 +1,262 @@
+"""optimizer search on the built-in Fashion-MNIST example: the search space's checks, the study loop with its
+shared stage cache, failed trials, resume, the budgets, the Ray executor, the search report and final/.
+
+Trials are kept tiny (200 eval samples for screening, 400 for the full re-measure, quick latency with few
+iterations, ONNX export and onnxruntime INT8 only), so a trial takes seconds; nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from optimizer import Pass, PassConfig
+from optimizer.artifact import Artifact
+from optimizer.cli import main
+from tests.conftest import FASHION_ROOT, REPO, default_sigint, write_recipe
+
+QUICK_LATENCY = {"threads": 1, "batch_size": 1, "throughput_batch_size": 8, "mode": "quick", "trials": 1,
+                 "min_iterations": 10, "min_duration_s": 0, "warmup_s": 0, "max_duration_s": 2}
+
+
+# A pass for the failure tests: passes its ONNX input through, or raises when told to.
+class BoomConfig(PassConfig):
+    explode: bool = False
+
+
+class Boom(Pass):
+    name = "test.boom"
+    summary = "pass the model through, or raise (test)"
+    input_forms = ("onnx",)
+    output_form = "onnx"
+    Config = BoomConfig
+
+    def run(self, artifact, ctx):
+        if self.config.explode:
+            raise RuntimeError("boom: the test pass was told to explode")
+        shutil.copyfile(artifact.entry_path, ctx.work_dir / artifact.entry)
+        return Artifact(form="onnx", path=ctx.work_dir, entry=artifact.entry, inputs=artifact.inputs)
+
+
+def search_recipe(checkpoint: Path, **search) -> dict:
+    """export -> int8 (onnxruntime INT8, optional, per-tensor or per-channel), screening on 200 samples."""
+    return {
+        "name": "search-test",
+        "seed": 0,
+        "model": {"factory": "optimizer.zoo:small_resnet", "kwargs": {"num_classes": 10, "in_channels": 1},
+                  "checkpoint": str(checkpoint), "input": {"name": "images", "shape": [1, 1, 28, 28]}},
+        "data": {
+            "eval": {"dataset": "fashion-mnist", "split": "test", "root": str(FASHION_ROOT), "samples": 400,
+                     "mean": [0.2860], "std": [0.3530]},
+            "calibration": {"dataset": "fashion-mnist", "split": "train", "root": str(FASHION_ROOT),
+                            "samples": 200, "mean": [0.2860], "std": [0.3530]},
+        },
+        "evaluate": {"accuracy": {"metric": "top1", "batch_size": 200}, "latency": dict(QUICK_LATENCY)},
+        "budget": {"accuracy_drop": 0.05},
+        "stages": [
+            {"name": "export", "pass": "export.onnx", "with": {"opset": 18}},
+            {"name": "int8", "pass": "quantize.ort",
+             "with": {"subset_size": 100, "preprocess": False, "verify_samples": 50}},
+        ],
+        "search": {"trials": 4, "remeasure": 1, "objective": "accuracy", "screening": {"eval_samples": 200, "latency": "quick"},
+                   "stages": {"int8": {"optional": True, "parameters": {"per_channel": {"choice": [True, False]}}}},
+                   **search},
+    }
+
+
+def _run(recipe_path: Path, out: Path, *extra: str) -> int:
+    return main(["search", str(recipe_path), "--out", str(out), "--quiet", *extra])
+
+
+def _journal_trials(out: Path) -> list:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    import optuna
+
+    storage = JournalStorage(JournalFileBackend(str(out / "study.journal")))
+    return optuna.load_study(study_name="search", storage=storage).get_trials(deepcopy=False)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["stages"]["int8"].update(optinal=True), r"search\.stages\.int8\.optinal: unknown key"),
+        (lambda s: s["stages"]["int8"]["parameters"].update(per_channel={"choice": []}), "an empty choice"),
+        (lambda s: s["stages"].update(compile={"optional": True}), r"no stage named 'compile'"),
+        (lambda s: s["stages"]["int8"]["parameters"].update(per_chanel={"choice": [True]}),
+         r"'per_chanel' is not a setting of pass 'quantize.ort'; did you mean 'per_channel'"),
+        (lambda s: s["stages"]["int8"]["parameters"].update(subset_size={"int": [0, 100]}),
+         r"rejects subset_size=0"),
+        (lambda s: s["stages"]["int8"].update(alternatives=[{"pass": "quantize.nnfc"}]), r"unknown pass"),
+        (lambda s: s["stages"]["int8"]["parameters"].update(subset_size={"log_float": [0, 1]}),
+         r"low bound must be greater than 0"),
+    ],
+)
+def test_invalid_search_space_exits_2_before_any_work(example_checkpoint, tmp_path, capsys, change, message):
+    recipe = search_recipe(example_checkpoint)
+    change(recipe["search"])
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "out"
+    assert _run(path, out) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and len(err.strip().splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+def test_search_needs_a_search_section_and_sane_options(example_checkpoint, tmp_path, capsys):
+    recipe = search_recipe(example_checkpoint)
+    path = write_recipe(tmp_path, recipe)
+    assert _run(path, tmp_path / "out", "--workers", "0") == 2
+    del recipe["search"]
+    assert _run(write_recipe(tmp_path, recipe, "plain.yaml"), tmp_path / "out") == 2
+    assert "has no 'search:' section" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------- a search, locally
+
+
+@pytest.fixture(scope="module")
+def local_search(example_checkpoint, tmp_path_factory):
+    """A 4-trial search with 2 local workers (shared by the tests below; the Ray test compares with it)."""
+    folder = tmp_path_factory.mktemp("search")
+    path = write_recipe(folder, search_recipe(example_checkpoint))
+    out = folder / "out"
+    code = _run(path, out, "--workers", "2")
+    return path, out, code
+
+
+def test_search_runs_trials_through_the_runner_and_publishes_the_choice(local_search):
+    _, out, code = local_search
+    assert code == 0
+    report = json.loads((out / "search.json").read_text())
+    assert [t["number"] for t in report["trials"]] == [0, 1, 2, 3]
+    # The first trial is the recipe as written.
+    assert report["trials"][0]["params"] == {"int8.enabled": True, "int8.per_channel": True}
+    for trial in report["trials"]:
+        assert trial["state"] == "complete" and trial["status"] == "ok"
+        assert trial["accuracy_n"] == 200 and trial["latency_mode"] == "quick"
+        assert (out / trial["report_link"]).is_file()
+        assert trial["p50_ci95_ms"][0] <= trial["p50_ms"] <= trial["p50_ci95_ms"][1]
+    # Trials share the stage cache: after the first batch (2 trials at once), the baseline and the export come
+    # from it.
+    assert all(t["stages_cached"] >= 2 for t in report["trials"][2:])
+    # The Pareto trial was re-measured in full (400 samples) before it was chosen.
+    assert report["full"] and report["full"][0]["accuracy_n"] == 400
+    chosen = report["chosen"]
+    assert chosen["trial"] in report["pareto"]
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert manifest["search"]["trial"] == chosen["trial"]
+    assert manifest["search"]["params"] == chosen["params"]
+    assert manifest["search"]["objective"] == "accuracy"
+    assert (out / "final" / manifest["entry"]).is_file()
+    html = (out / "search.html").read_text()
+    assert "<svg" in html and "Pareto front" in html and "http" not in html.split("<body>")[1].replace(
+        "http://www.w3.org/2000/svg", "")
+    assert "## Parameter importance" in (out / "search.md").read_text()
+
+
+def test_resume_continues_with_no_trial_repeated(local_search, tmp_path):
+    path, out, _ = local_search
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (copy / "trials").glob("*/report.json")}
+    # Without --resume the folder's search is protected.
+    assert _run(path, copy, "--trials", "5") == 2
+    assert _run(path, copy, "--trials", "5", "--resume") == 0
+    assert [t.number for t in _journal_trials(copy)] == [0, 1, 2, 3, 4]
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (copy / "trials").glob("*/report.json")}
+    assert set(after) == {"0000", "0001", "0002", "0003", "0004"}
+    assert all(after[name] == stamp for name, stamp in before.items())  # earlier trials were not run again
+    # A resume with another budget is another search: refused.
+    assert _run(path, copy, "--resume", "--set", "budget.accuracy_drop=0.02") == 2
+
+
+def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(example_checkpoint, tmp_path):
+    recipe = search_recipe(example_checkpoint, trials=3)
+    recipe["stages"].insert(1, {"name": "boom", "pass": "python:tests.test_search:Boom", "with": {"explode": True}})
+    recipe["search"]["stages"] = {"boom": {"parameters": {"explode": {"choice": [True, False]}}},
+                                  "int8": {"optional": True}}
+    out = tmp_path / "out"
+    assert _run(write_recipe(tmp_path, recipe), out) == 0
+    report = json.loads((out / "search.json").read_text())
+    failed = [t for t in report["trials"] if t["state"] == "fail"]
+    assert report["trials"][0] in failed  # the recipe as written explodes
+    assert "boom: the test pass was told to explode" in failed[0]["error"]
+    assert any(t["state"] == "complete" for t in report["trials"])
+    assert len(report["trials"]) == 3 and report["chosen"]
+
+
+def test_unreachable_budget_exits_4_listing_the_closest_trials(example_checkpoint, tmp_path, capsys):
+    recipe = search_recipe(example_checkpoint, trials=2)
+    out = tmp_path / "out"
+    code = _run(write_recipe(tmp_path, recipe), out, "--set", "budget.latency_p50_ms=0.0001")
+    assert code == 4
+    err = capsys.readouterr().err
+    assert "no trial meets the budgets" in err and "closest: trial" in err
+    report = json.loads((out / "search.json").read_text())
+    assert report["objective"] == "accuracy" and report["chosen"] is None
+    assert all(t["constraints"]["latency_p50_ms"] > 0 for t in report["trials"])
+    assert not (out / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+
+def test_ray_local_gives_the_same_trials_and_choice_as_the_local_executor(local_search, tmp_path):
+    pytest.importorskip("ray")
+    path, local_out, _ = local_search
+    out = tmp_path / "ray"
+    assert _run(path, out, "--workers", "2", "--ray", "local") == 0
+    local = json.loads((local_out / "search.json").read_text())
+    ray = json.loads((out / "search.json").read_text())
+    assert "Ray" in ray["executor"]
+    assert [t["params"] for t in ray["trials"]] == [t["params"] for t in local["trials"]]
+    assert [t["accuracy"] for t in ray["trials"]] == [t["accuracy"] for t in local["trials"]]
+    # The objective is accuracy, which the same artifacts measure the same: timing noise cannot change the choice.
+    assert ray["chosen"]["params"] == local["chosen"]["params"]
+    assert ray["chosen"]["accuracy"] == local["chosen"]["accuracy"]
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+
+
+@pytest.mark.slow
+def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_path):
+    recipe = search_recipe(example_checkpoint, trials=4)
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "optimizer", "search", str(path), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=default_sigint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((out / "trials").glob("0001/report.json")):
+        time.sleep(0.5)
+    time.sleep(1.0)  # into the next trial
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert b"--resume" in err
+    finished = {t.number: t.datetime_complete for t in _journal_trials(out) if t.state.is_finished()}
+    assert finished
+    assert subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True).returncode == 0
+    trials = _journal_trials(out)
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.state.is_finished() for t in trials)
+    for number, completed in finished.items():
+        assert trials[number].datetime_complete == completed  # told once, never run again
+    assert (out / "final" / "manifest.json").is_file()
