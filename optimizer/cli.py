@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("out", type=Path, metavar="OUT", help="output folder of a run (holds report.json)")
 
     compare = commands.add_parser("compare", help="compare runs in one table and one accuracy-latency chart")
-    compare.add_argument("runs", type=Path, nargs="+", metavar="OUT", help="output folders of two or more runs")
+    compare.add_argument("runs", type=Path, nargs="+", metavar="OUT",
+                         help="output folders of two or more runs; a search folder stands for its chosen trial")
     compare.add_argument("--out", type=Path, help="write compare.md and compare.html into this folder "
                                                   "(default: print the Markdown)")
 

@@ -8,6 +8,7 @@ iterations, ONNX export and onnxruntime INT8 only), so a trial takes seconds; no
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ QUICK_LATENCY = {"threads": 1, "batch_size": 1, "throughput_batch_size": 8, "mod
 # A pass for the failure tests: passes its ONNX input through, or raises when told to.
 class BoomConfig(PassConfig):
     explode: bool = False
+    kill: bool = False  # SIGKILL its own process, as the kernel's OOM killer would
 
 
 class Boom(Pass):
@@ -41,6 +43,8 @@ class Boom(Pass):
     def run(self, artifact, ctx):
         if self.config.explode:
             raise RuntimeError("boom: the test pass was told to explode")
+        if self.config.kill:
+            os.kill(os.getpid(), signal.SIGKILL)
         shutil.copyfile(artifact.entry_path, ctx.work_dir / artifact.entry)
         return Artifact(form="onnx", path=ctx.work_dir, entry=artifact.entry, inputs=artifact.inputs)
 
@@ -201,6 +205,20 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(example_checkpoi
     assert len(report["trials"]) == 3 and report["chosen"]
 
 
+def test_a_killed_trial_process_is_a_failed_trial_and_the_journal_stays_usable(example_checkpoint, tmp_path):
+    recipe = search_recipe(example_checkpoint, trials=2)
+    recipe["stages"].insert(1, {"name": "boom", "pass": "python:tests.test_search:Boom", "with": {"kill": True}})
+    recipe["search"]["stages"] = {"boom": {"parameters": {"kill": {"choice": [True, False]}}}}
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "out"
+    assert _run(path, out) == 0
+    first = json.loads((out / "search.json").read_text())["trials"][0]
+    assert first["state"] == "fail" and "SIGKILL" in first["error"]
+    # The journal reads back, and a resumed search goes on from it.
+    assert _run(path, out, "--resume", "--trials", "3") == 0
+    assert [t.state.name for t in _journal_trials(out)][0] == "FAIL" and len(_journal_trials(out)) == 3
+
+
 def test_unreachable_budget_exits_4_listing_the_closest_trials(example_checkpoint, tmp_path, capsys):
     recipe = search_recipe(example_checkpoint, trials=2)
     out = tmp_path / "out"
@@ -212,6 +230,30 @@ def test_unreachable_budget_exits_4_listing_the_closest_trials(example_checkpoin
     assert report["objective"] == "accuracy" and report["chosen"] is None
     assert all(t["constraints"]["latency_p50_ms"] > 0 for t in report["trials"])
     assert not (out / "final").exists()
+
+
+def test_a_trial_over_budget_at_an_intermediate_stage_stops_there(example_checkpoint, tmp_path, capsys):
+    recipe = search_recipe(example_checkpoint, trials=1)
+    recipe["evaluate"]["latency"]["runtime"] = "native"
+    # Pruning 60 % of every layer without recovery costs far more than the 5-point budget.
+    recipe["stages"].insert(0, {"name": "prune", "pass": "prune.structured", "with": {"ratio": 0.6}})
+    recipe["search"]["stages"] = {"prune": {"parameters": {"ratio": {"choice": [0.6]}}}}
+    out = tmp_path / "out"
+    assert _run(write_recipe(tmp_path, recipe), out) == 4
+    assert "closest: trial 0" in capsys.readouterr().err
+    trial = json.loads((out / "search.json").read_text())["trials"][0]
+    assert trial["status"] == "stopped" and trial["stage"] == "prune" and not trial["feasible"]
+    assert trial["constraints"]["accuracy_drop"] > 0
+    run = json.loads((out / "trials" / "0000" / "report.json").read_text())
+    assert [s["name"] for s in run["stages"]] == ["baseline", "prune"]  # export and int8 never ran
+
+
+def test_compare_takes_a_search_folder_for_its_chosen_trial(local_search, tmp_path, capsys):
+    _, out, _ = local_search
+    assert main(["compare", str(out), str(out / "trials" / "0000")]) == 0
+    text = capsys.readouterr().out
+    chosen = json.loads((out / "search.json").read_text())["chosen"]["trial"]
+    assert f"{out.name} (search, trial {chosen})" in text
 
 
 # ------------------------------------------------------------------------------------------- Ray

@@ -9,10 +9,11 @@ named after its own metric, and they share no chart.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from optimizer.errors import RecipeError
+from optimizer.errors import InputRejected, RecipeError
 from optimizer.measure.environment import differences
 from optimizer.report import charts
 from optimizer.report.html import cell_html, environment_rows, page
@@ -263,17 +264,40 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> st
 
 def compare(run_dirs: Sequence[Path | str]) -> tuple[str, str]:
     """(Markdown, HTML) comparing the runs in ``run_dirs``, each an output folder with report.json."""
-    dirs = [Path(d) for d in run_dirs]
-    if len(dirs) < 2:
+    given = [Path(d) for d in run_dirs]
+    if len(given) < 2:
         raise RecipeError("compare needs at least two run folders")
+    dirs = [search_run(d) or d for d in given]
     reports = [load_report(d) for d in dirs]
     labels = run_labels(dirs, reports)
+    # A search stands for its chosen trial's full run, labelled as the search.
+    labels = [f"{g.resolve().name} (search, trial {int(d.name)})" if d != g else label
+              for g, d, label in zip(given, dirs, labels)]
     recs = [verdict(r).recommendation for r in reports]
     views = [report_metric(r) for r in reports]
     rows = _rows(labels, reports, recs, views)
     latency_warn, accuracy_warn = comparability(labels, reports)
     return (_markdown(labels, reports, recs, rows, latency_warn, accuracy_warn, views),
             _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views))
+
+
+def search_run(folder: Path) -> Path | None:
+    """For an `optimizer search` folder (search.json, no report.json): the run folder of its chosen trial's full
+    re-measure, the one whose artifact the search published. None for any other folder."""
+    if (folder / "report.json").is_file() or not (folder / "search.json").is_file():
+        return None
+    try:
+        search = json.loads((folder / "search.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputRejected(f"{folder / 'search.json'}: not readable as JSON ({exc})") from exc
+    chosen = search.get("chosen") if isinstance(search, dict) else None
+    if not chosen:
+        raise RecipeError(f"{folder}: the search there chose no trial (none met its budgets, or it was interrupted); "
+                          "compare its trials' folders (trials/NNNN) instead")
+    full = next((r for r in search.get("full") or [] if r.get("number") == chosen["trial"]), None)
+    run = Path(full["out"]) if full and full.get("out") else folder / "full" / f"{chosen['trial']:04d}"
+    # The search folder may have moved since: its runs are inside it.
+    return run if run.is_dir() else folder / run.parent.name / run.name
 
 
 def write_comparison(run_dirs: Sequence[Path | str], out_dir: Path | str) -> list[Path]:

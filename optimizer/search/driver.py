@@ -188,7 +188,9 @@ class _Search:
             if self._open:
                 batch = sorted(self._open)[:workers]
             else:
-                left = target - len(self.study.get_trials(deepcopy=False))
+                # An enqueued trial (the recipe as written) is WAITING until asked: not yet one of the target's.
+                left = target - len([t for t in self.study.get_trials(deepcopy=False)
+                                     if t.state != TrialState.WAITING])
                 if left <= 0 or (deadline is not None and time.monotonic() > deadline):
                     break
                 batch = []
