@@ -110,12 +110,13 @@ def test_publish_last_publishes_the_last_stage_and_says_what_recommended_would(
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     assert manifest["stage"] == "int8" and manifest["publish"]["policy"] == "last"
     reason = manifest["publish"]["reason"]
-    assert reason.startswith("publish: last, the recipe's last stage, although it is outside its budget (p50 ")
+    assert reason.startswith("the recipe's last stage, although it is outside its budget (p50 ")
     assert "publish: recommended would ship 'export'" in reason
     # The verdict still recommends the stage within budget, and says final/ holds one that is not.
     result = verdict(report.data)
     assert result.recommendation.stage["name"] == "export" and not result.recommendation.in_final
-    assert any("final/ holds 'int8' (publish: last), which is outside its budget" in s for s in result.sentences)
+    assert f"Published to final/: 'int8' (publish: last): {reason}." in result.sentences
+    assert "Published to final/: 'int8' (publish: last)" in (out / "report.md").read_text()
 
 
 def test_nothing_within_budget_fails_the_gate_and_keeps_the_previous_final(

@@ -163,7 +163,7 @@ def choose_publish(report: dict[str, Any], policy: str = "recommended") -> Publi
     if policy == "last":
         if last is None or not measured(last):
             return PublishChoice(policy, None, "the last stage has no measurements")
-        reason = "publish: last, the recipe's last stage"
+        reason = "the recipe's last stage"
         breaches = budget_breaches(last)
         if breaches:
             reason += f", although it is outside its budget ({'; '.join(breaches)})"
@@ -260,8 +260,9 @@ def recommend(report: dict[str, Any]) -> Recommendation | None:
     if final is not None:
         policy = (report.get("publish") or {}).get("policy")
         if final not in candidates:
-            remarks.append(f"final/ holds '{final['name']}' (publish: {policy or 'last'}), which is outside its "
-                           f"budget ({'; '.join(budget_breaches(final)) or 'intermediate'}).")
+            if policy is None:  # a report with a publish record says so in its publish sentence already
+                remarks.append(f"final/ holds '{final['name']}', which is outside its budget "
+                               f"({'; '.join(budget_breaches(final)) or 'intermediate'}).")
         else:
             text = (f"final/ holds '{final['name']}', but '{fastest['name']}' is significantly faster "
                     f"({_p50(final):.3f} ms vs {_p50(fastest):.3f} ms p50)")
