@@ -67,7 +67,7 @@ def search_recipe(checkpoint: Path, **search) -> dict:
         "stages": [
             {"name": "export", "pass": "export.onnx", "with": {"opset": 18}},
             {"name": "int8", "pass": "quantize.ort",
-             "with": {"subset_size": 100, "preprocess": False, "verify_samples": 50}},
+             "with": {"subset_size": 100, "verify_samples": 50}},
         ],
         "search": {"trials": 4, "remeasure": 1, "objective": "accuracy", "screening": {"eval_samples": 200, "latency": "quick"},
                    "stages": {"int8": {"optional": True, "parameters": {"per_channel": {"choice": [True, False]}}}},

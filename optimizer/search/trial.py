@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import Interrupted, OptimizerError, first_line, one_line
+from optimizer.errors import GateFailed, Interrupted, OptimizerError, first_line, one_line
 
 
 def run_trial(request: dict[str, Any]) -> dict[str, Any]:
@@ -52,14 +52,19 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
     except OptimizerError as exc:
         produced = getattr(exc, "report", None)
         report = produced.data if produced is not None else None
-        outcome["status"] = "stopped" if report is not None and _measured(report) else "failed"
+        # A gate (a budget, NaN outputs, a collapsed model) stops a chain that ran; anything else is a failure.
+        stopped = isinstance(exc, GateFailed) and report is not None and _measured(report)
+        outcome["status"] = "stopped" if stopped else "failed"
         outcome["error"] = one_line(str(exc))[:400]
     except Exception as exc:  # a pass or library bug: the trial fails, the search goes on
         outcome["status"] = "failed"
         outcome["error"] = one_line(f"{type(exc).__name__}: {first_line(exc, 300)}")
     outcome["seconds"] = round(time.perf_counter() - started, 3)
     if report is not None:
-        outcome.update(_figures(report))
+        figures = _figures(report)
+        if outcome["status"] == "failed":  # no figures for a chain that did not finish: only what it cost
+            figures = {k: v for k, v in figures.items() if k in ("stages_run", "stages_cached", "stage_seconds")}
+        outcome.update(figures)
         outcome["report"] = str(out / "report.json")
     return outcome
 
@@ -102,6 +107,11 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    # The search forwards Ctrl-C as one SIGINT; a search started in the background (SIGINT ignored) would pass
+    # the ignoring on to this process, which could then never stop cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = sys.argv[1:] if argv is None else argv
     request = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     try:
