@@ -205,6 +205,7 @@ def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(example_checkpoi
     assert len(report["trials"]) == 3 and report["chosen"]
 
 
+@pytest.mark.slow
 def test_a_killed_trial_process_is_a_failed_trial_and_the_journal_stays_usable(example_checkpoint, tmp_path):
     recipe = search_recipe(example_checkpoint, trials=2)
     recipe["stages"].insert(1, {"name": "boom", "pass": "python:tests.test_search:Boom", "with": {"kill": True}})

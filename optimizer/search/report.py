@@ -171,7 +171,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if chosen:
         lines += [f"**Chosen: trial {chosen['trial']}** ({md(chosen['label'])}): {_acc(report, chosen['accuracy'])}"
                   f" ({_acc_ci(report, chosen['accuracy_ci95'])}), p50 {_ms(chosen['p50_ms'], chosen['p50_ci95_ms'])}"
-                  f" ms; {md(chosen['why'])}. Artifact: `final/`.", ""]
+                  f" ms. Why: {md(chosen['why'])}. Artifact: `final/`.", ""]
     elif not report["interrupted"]:
         lines += ["**No trial meets the budgets**; the closest are at the top of the table by their excess.", ""]
     lines += ["## Trials", "", f"Accuracy ({md(report['metric'])}) and latency from the screening runs, with 95 % "
@@ -231,8 +231,11 @@ def pareto_chart(report: dict[str, Any], *, width: int = 760, height: int = 440)
     floor = None
     if "accuracy_drop" in budgets and report["baseline_accuracy"] is not None:
         floor = report["baseline_accuracy"] - sign * budgets["accuracy_drop"]
-    xs = [r["p50_ms"] for r in rows] + [budgets[k] for k in ("latency_p50_ms",) if k in budgets]
-    ys = [r["accuracy"] * scale for r in rows] + ([floor * scale] if floor is not None else [])
+    # The intervals are drawn too: the domain holds their ends, so no error bar leaves the plot.
+    xs = [v for r in rows for v in (r["p50_ms"], *(r.get("p50_ci95_ms") or []))]
+    xs += [budgets[k] for k in ("latency_p50_ms",) if k in budgets]
+    ys = [v * scale for r in rows for v in (r["accuracy"], *(r.get("accuracy_ci95") or []))]
+    ys += [floor * scale] if floor is not None else []
     x0, x1 = padded_domain(xs, pad=0.12, floor=0.0)
     y0, y1 = padded_domain(ys, pad=0.12)
     sx = Scale(x0, x1, left, width - right)
@@ -291,7 +294,7 @@ def render_html(report: dict[str, Any]) -> str:
     if chosen:
         head += (f"<p><b>Chosen: trial {chosen['trial']}</b> ({esc(chosen['label'])}): "
                  f"{esc(_acc(report, chosen['accuracy']))} ({esc(_acc_ci(report, chosen['accuracy_ci95']))}), p50 "
-                 f"{esc(_ms(chosen['p50_ms'], chosen['p50_ci95_ms']))} ms. {esc(chosen['why'])}. "
+                 f"{esc(_ms(chosen['p50_ms'], chosen['p50_ci95_ms']))} ms. Why: {esc(chosen['why'])}. "
                  "Artifact: <code>final/</code>.</p>")
     elif not report["interrupted"]:
         head += "<p><b>No trial meets the budgets.</b></p>"
@@ -318,7 +321,8 @@ def render_html(report: dict[str, Any]) -> str:
     importance_html = ("<ul>" + "".join(f"<li><code>{esc(k)}</code>: {v:.3f}</li>" for k, v in values.items())
                        + "</ul>" if values else "") + f"<p>{esc(report['importance']['note'])}.</p>"
     body = (head + "<section><h2>Pareto front</h2>" + pareto_chart(report)
-            + "<p>Filled: on the front; green: within the budgets; dashed red: the budgets; ringed: chosen.</p>"
+            + "<p>Filled: on the front; blue: within the budgets, grey: over one or stopped; dashed: the budgets; "
+            "ringed: chosen. Bars: 95 % intervals.</p>"
             "</section><section><h2>Trials</h2>" + table + "</section>" + full
             + "<section><h2>Parameter importance</h2>" + importance_html + "</section>"
             + f"<section><h2>Stage cache</h2><p>{esc(_cache_sentence(report['cache']))}</p></section>"
