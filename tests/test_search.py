@@ -131,6 +131,17 @@ def test_search_needs_a_search_section_and_sane_options(example_checkpoint, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_search_folder_in_use_exits_6(example_checkpoint, tmp_path, capsys):
+    from optimizer.output_folder import OutputLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        assert _run(write_recipe(tmp_path, search_recipe(example_checkpoint)), out) == 6
+    assert "another run" in capsys.readouterr().err
+    assert not (out / "study.journal").exists()
+
+
 # --------------------------------------------------------------------------------- a search, locally
 
 
