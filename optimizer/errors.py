@@ -15,6 +15,7 @@ EXIT_INPUT_REJECTED = 3
 EXIT_GATE_FAILED = 4
 EXIT_RESOURCE = 5
 EXIT_LOCKED = 6
+EXIT_CONTRACT = 7
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """exit codes:
@@ -26,6 +27,8 @@ EXIT_CODES_HELP = """exit codes:
        (report still written)
   5    resource failure: disk full, out of memory
   6    output folder locked by another run
+  7    a pass broke the pass contract: wrote outside ctx.work_dir, changed its input, or returned no
+       entry file (test it with optimizer.testing.check_pass)
   130  interrupted"""
 
 
@@ -71,6 +74,18 @@ class OutputLocked(OptimizerError):
     exit_code = EXIT_LOCKED
 
 
+class ContractViolation(OptimizerError):
+    """A pass broke the rules every pass keeps (docs/writing_a_pass.md): it wrote outside ``ctx.work_dir``,
+    changed its input artifact, or returned an artifact without its entry file. ``tainted``: the run's own
+    folders were touched, so nothing of the run is published."""
+
+    exit_code = EXIT_CONTRACT
+
+    def __init__(self, message: str, *, tainted: bool = False):
+        super().__init__(message)
+        self.tainted = tainted
+
+
 class Interrupted(OptimizerError):
     """Ctrl-C or SIGINT; the message names the stage that was running."""
 
@@ -85,7 +100,7 @@ class MissingDependency(OptimizerError):
 
 def error_from_exit_code(code: int, message: str) -> OptimizerError:
     """Rebuild an error reported by a child process (which can only pass its message and exit code)."""
-    for cls in (RecipeError, InputRejected, GateFailed, ResourceFailure, OutputLocked):
+    for cls in (RecipeError, InputRejected, GateFailed, ResourceFailure, OutputLocked, ContractViolation):
         if cls.exit_code == code:
             return cls(message)
     return StageError(message)

@@ -23,7 +23,18 @@ from rich.markup import escape
 
 from optimizer.artifact import Artifact
 from optimizer.data.provider import DataProvider
+from optimizer.contract import (
+    _default_allowed,
+    _inside,
+    _listing,
+    _watch_writes,
+    input_changes,
+    metadata_hash,
+    outside_writes,
+    unwatched,
+)
 from optimizer.errors import (
+    ContractViolation,
     GateFailed,
     Interrupted,
     OptimizerError,
@@ -241,14 +252,11 @@ class Runner:
                               artifacts=dict(artifacts))
 
             def run_pass(current: Artifact = current, ctx: PassContext = ctx, instance=instance,
-                         pass_cls=pass_cls) -> tuple[Artifact, dict[str, Any]]:
+                         pass_cls=pass_cls, references=references) -> tuple[Artifact, dict[str, Any]]:
                 check_free_space(self.out_dir, estimate_stage_bytes(tree_size(current.path)),
                                  f"for stage '{ctx.stage}'")
                 ctx.work_dir.mkdir(parents=True)
-                produced = instance.run(current, ctx)
-                if produced.path.resolve() != ctx.work_dir.resolve():
-                    raise StageError(f"stage '{ctx.stage}': pass '{pass_cls.name}' wrote its artifact outside "
-                                     "ctx.work_dir")
+                produced = self._run_watched(instance, pass_cls.name, current, ctx, references)
                 return produced.finalize(), ctx.details
 
             try:
@@ -257,6 +265,10 @@ class Runner:
             except Exception as exc:
                 error = self._stage_error(exc, stage.name, pass_cls.name)
                 if isinstance(error, ResourceFailure):
+                    raise error from exc
+                if isinstance(error, ContractViolation) and error.tainted:
+                    # An earlier stage's files or the run's folders were changed after they were measured:
+                    # nothing of this run can be published as measured, so nothing is (as for a full disk).
                     raise error from exc
                 records.append(stage_record(stage.name, pass_cls.name, None, None, status="failed",
                                             seconds=time.perf_counter() - stage_start, out_dir=staging,
@@ -320,6 +332,80 @@ class Runner:
                               details=details, config=config)
         record["cached"] = cached
         return record
+
+    def _run_watched(self, instance, pass_name: str, current: Artifact, ctx: PassContext,
+                     references: dict[str, Artifact]) -> Artifact:
+        """Run a pass and enforce the rules of the contract that are cheap to check on every run (the rest is
+        for optimizer.testing.check_pass): nothing left, changed or removed outside ctx.work_dir by Python code
+        (the audit hook check_pass uses, optimizer.contract), the input artifact and the earlier stages it reads
+        byte-identical to what their artifact.json lists (re-hashed), and the returned entry file in place."""
+        inputs = [current] + [artifact for artifact in references.values() if artifact.path != current.path]
+        before = [metadata_hash(artifact) for artifact in inputs]
+        ctx.data = _DataOutsideWatch(ctx.data)  # type: ignore[assignment]
+        error: Exception | None = None
+        produced: Any = None
+        with _watch_writes(ctx.work_dir, busy="skip") as recorder:
+            try:
+                produced = instance.run(current, ctx)
+            except Exception as exc:  # checked below first: a pass that broke the contract and then failed
+                error = exc
+        if recorder is None:
+            self._note(f"stage '{ctx.stage}': writes outside ctx.work_dir were not watched (another watched pass "
+                       "or run is active in this process)")
+        where = f"stage '{ctx.stage}': pass '{pass_name}'"
+        hint = "test the pass with optimizer.testing.check_pass"
+        # Named as they will be published (artifacts/<stage>/...), not by the staging folder that is removed.
+        staging = str(ctx.work_dir.parent.parent)
+        changed = [f"artifacts/{artifact.path.name}/{line}" for artifact, sha in zip(inputs, before)
+                   for line in input_changes(artifact, sha)]
+        outside = outside_writes(recorder, ctx.work_dir, self._allowed_writes(instance),
+                                 protected=self._protected()) if recorder is not None else []
+        if changed or outside:
+            tainted = bool(changed) or any(_inside(line, folder) for line in outside for folder in self._protected())
+            what = []
+            if changed:
+                what.append(f"changed its input ({_listing(changed)})")
+            if outside:
+                shown = [str(self.out_dir) + line[len(staging):] if _inside(line, staging) else line
+                         for line in outside]
+                what.append(f"wrote outside ctx.work_dir ({_listing(shown)})")
+            published = "; nothing of this run was published, earlier outputs are unchanged" if tainted else ""
+            raise ContractViolation(f"{where} broke the pass contract: {' and '.join(what)}; a pass writes only "
+                                    f"into ctx.work_dir (artifacts/{ctx.stage}) and only reads its input{published}; "
+                                    f"{hint}", tainted=tainted) from error
+        if error is not None:
+            raise error
+        if not isinstance(produced, Artifact):
+            raise ContractViolation(f"{where}: run() returned {type(produced).__name__}, not an Artifact; return "
+                                    f"self.new_artifact(artifact, ctx, entry=...); {hint}")
+        if produced.path.resolve() != ctx.work_dir.resolve():
+            raise ContractViolation(f"{where} returned an artifact in {produced.path}, not in ctx.work_dir; build it "
+                                    f"with self.new_artifact(artifact, ctx, entry=...); {hint}")
+        entry = produced.entry_path
+        if entry.is_symlink() or not entry.is_file():
+            written = sorted(p.relative_to(ctx.work_dir).as_posix() for p in ctx.work_dir.rglob("*") if p.is_file())
+            raise ContractViolation(
+                f"{where} returned entry file '{produced.entry}', which it did not write into ctx.work_dir "
+                f"(the stage's artifact folder, artifacts/{ctx.stage}; it holds "
+                f"{_listing(written) if written else 'nothing'}); write the model there before returning; {hint}")
+        return produced
+
+    def _allowed_writes(self, instance) -> list[str]:
+        """Where a pass may leave files outside ctx.work_dir during a run. Besides what check_pass allows (the
+        user's cache folder, where torch, NNCF and this package's latency tables and engines keep caches;
+        $OPTIMIZER_CACHE_DIR; OpenVINO's ~/intel; the pass's own write_folders()), the system temp folder:
+        libraries leave temporary files there (ONNX export, compilers, the timing lock), which touch neither the
+        run's outputs nor the user's files. check_pass stays stricter and reports leftovers there."""
+        import os
+        import tempfile
+
+        return _default_allowed() + [os.path.abspath(tempfile.gettempdir())] + [
+            os.path.abspath(os.path.expanduser(str(folder))) for folder in instance.write_folders()]
+
+    def _protected(self) -> list[str]:
+        """Folders no pass may write to even when they lie in an allowed one (a run in /tmp): the output folder,
+        which holds the staged earlier stages, and the stage cache."""
+        return [str(self.out_dir), str(self.cache.root)]
 
     def _stage_error(self, exc: Exception, stage: str, pass_name: str) -> OptimizerError:
         if isinstance(exc, OptimizerError):
@@ -484,6 +570,33 @@ class Runner:
             return self._fail(record, f"stage '{record['name']}': {what}; relax budget.accuracy_drop or change the "
                                       "stage's settings")
         return None
+
+
+class _DataOutsideWatch:
+    """ctx.data while a pass runs watched: loading a split runs the recipe's data code (a python: data set may
+    download or cache files), which is the recipe's doing, not the pass's, so it is not watched."""
+
+    def __init__(self, provider: DataProvider):
+        self._provider = provider
+
+    def get(self, split):
+        with unwatched():
+            return self._provider.get(split)
+
+    def eval(self):
+        return self.get("eval")
+
+    def calibration(self):
+        return self.get("calibration")
+
+    def train(self):
+        return self.get("train")
+
+    def validation(self):
+        return self.get("validation")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._provider, name)
 
 
 def record_latency_budget(record: dict[str, Any], budget) -> None:

@@ -20,7 +20,9 @@ process, inert outside a check). Scratch files and folders a pass creates and re
 ``run`` returns are allowed; whatever it leaves, changes or removes outside ``ctx.work_dir`` is not.
 Writes made by native code or by child processes are seen only inside the private folder, and as new
 entries at the top of the current directory. Python bytecode caches, the user's cache folder (``~/.cache``), OpenVINO's
-telemetry folder (``~/intel``) and folders given as ``allow_writes`` are not checked.
+telemetry folder (``~/intel``), ``$OPTIMIZER_CACHE_DIR``, the folders the pass names in ``write_folders()`` and
+folders given as ``allow_writes`` are not checked. The write watching is ``optimizer.contract``'s, the same code
+the runner enforces the contract with on every run.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from optimizer.artifact import FORMS, METADATA_FILE, Artifact, sha256_file
+from optimizer.artifact import FORMS, METADATA_FILE, Artifact
+# One implementation of write watching, shared with the runner, which enforces the same rules on every run.
+from optimizer.contract import (
+    _collapse,
+    _default_allowed,
+    _file_hashes,
+    _ignored,
+    _inside,
+    _listing,
+    _top_level,
+    _tree,
+    _tree_changes,
+    _watch_writes,
+    _write_changes,
+)
 
 if TYPE_CHECKING:
     from optimizer.data.provider import DataProvider
@@ -141,211 +155,6 @@ class PassCheckReport:
         kept = [r.rule for r in self.results if r.passed is True]
         tail = [f"kept: {', '.join(kept) or 'none'}"]
         return "\n".join([head, *body, *tail])
-
-
-# ------------------------------------------------------------------------------------ write watching
-
-
-_CREATE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-# Audit event -> (argument index of the path it creates or writes, of the path it removes, and of the
-# dir_fd each of those two is relative to).
-_EVENTS: dict[str, tuple[int | None, int | None, tuple[int | None, int | None]]] = {
-    "os.mkdir": (0, None, (2, None)),
-    "shutil.copytree": (1, None, (None, None)),
-    "shutil.copyfile": (1, None, (None, None)),
-    "os.link": (1, None, (3, None)),
-    "os.symlink": (1, None, (2, None)),
-    "os.rename": (1, 0, (3, 2)),
-    "shutil.move": (1, 0, (None, None)),
-    "os.truncate": (0, None, (None, None)),
-    "os.remove": (None, 0, (None, 1)),
-    "os.rmdir": (None, 0, (None, 1)),
-    "shutil.rmtree": (None, 0, (None, None)),
-}
-
-
-class _WriteRecorder:
-    """Collects the file-system changes Python code asks for while a pass runs (via audit events)."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = str(work_dir)
-        self.lock = threading.Lock()
-        self.existed: dict[str, bool] = {}  # path -> it existed before the run first touched it
-        self.created: list[str] = []
-        self.removed: set[str] = set()
-
-    def _touch(self, path: str) -> None:
-        # The pass's own output is not watched, which keeps this cheap for passes that write many files.
-        if path in self.existed or _inside(path, self.work_dir):
-            return
-        existed = os.path.lexists(path)
-        with self.lock:
-            # Inside a folder the run created, nothing existed before the run.
-            fresh = any(_inside(path, other) for other in self.created)
-            if path not in self.existed:
-                self.existed[path] = existed and not fresh
-                if not self.existed[path]:
-                    self.created.append(path)
-
-    def event(self, name: str, args: tuple[Any, ...]) -> None:
-        if name == "open":
-            path, _mode, flags = args
-            if isinstance(flags, int) and flags & _CREATE_FLAGS:
-                target = _event_path(path)
-                # A folder opened for writing is O_TMPFILE: an unnamed file that vanishes when closed.
-                if target is not None and not os.path.isdir(target):
-                    self._touch(target)
-            return
-        written, removed, (written_fd, removed_fd) = _EVENTS[name]
-        if written is not None and len(args) > written:
-            target = _event_path(args[written], _arg(args, written_fd))
-            # mkdir(exist_ok=True) on an existing folder raises this event but changes nothing.
-            if target is not None and not (name == "os.mkdir" and os.path.lexists(target)):
-                self._touch(target)
-        if removed is not None and len(args) > removed:
-            target = _event_path(args[removed], _arg(args, removed_fd))
-            if target is not None:
-                self._touch(target)
-                with self.lock:
-                    self.removed.add(target)
-
-
-def _arg(args: tuple[Any, ...], index: int | None) -> Any:
-    return args[index] if index is not None and len(args) > index else None
-
-
-def _event_path(path: Any, dir_fd: Any = None) -> str | None:
-    """An absolute path for an audit event's path argument; None for file descriptors and for paths relative
-    to a dir_fd (shutil.rmtree works through those, and its own event names the top folder)."""
-    if isinstance(dir_fd, int) and dir_fd != -1:
-        return None
-    if path is None or isinstance(path, int):
-        return None
-    try:
-        return os.path.abspath(os.fsdecode(path))
-    except (TypeError, ValueError):
-        return None
-
-
-_active: _WriteRecorder | None = None
-_hook_installed = False
-_hook_lock = threading.Lock()
-_WATCHED_EVENTS = frozenset({"open", *_EVENTS})
-
-
-def _audit(name: str, args: tuple[Any, ...]) -> None:
-    recorder = _active
-    if recorder is None or name not in _WATCHED_EVENTS:
-        return
-    try:
-        recorder.event(name, args)
-    except Exception:  # an audit hook must never break the code it watches
-        pass
-
-
-class _watch_writes:
-    """Context manager: record Python-level file-system changes made inside it, outside ``work_dir``."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = work_dir
-
-    def __enter__(self) -> _WriteRecorder:
-        global _active, _hook_installed
-        with _hook_lock:
-            if not _hook_installed:
-                # Audit hooks cannot be removed; this one returns at once while no check runs.
-                sys.addaudithook(_audit)
-                _hook_installed = True
-            if _active is not None:
-                raise RuntimeError("check_pass is already running in this process; run checks one at a time")
-            self.recorder = _WriteRecorder(self.work_dir)
-            _active = self.recorder
-        return self.recorder
-
-    def __exit__(self, *exc: object) -> None:
-        global _active
-        with _hook_lock:
-            _active = None
-
-
-def _default_allowed() -> list[str]:
-    """Folders libraries write to on their own, whoever calls them: the user's cache folder and OpenVINO's
-    telemetry folder (~/intel)."""
-    home = os.path.expanduser("~")
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
-    return [os.path.abspath(cache), os.path.join(home, "intel")]
-
-
-def _ignored(path: str, allowed: list[str]) -> bool:
-    """Paths whose changes are not the pass's doing: bytecode caches, device files, allowed folders."""
-    if "__pycache__" in Path(path).parts or path.endswith((".pyc", ".pyo")):
-        return True
-    if path.startswith(("/dev/", "/proc/", "/sys/")):
-        return True
-    return any(_inside(path, folder) for folder in allowed)
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _tree(folder: Path, skip: Path | None = None) -> dict[str, tuple[str, int, int]]:
-    """Every entry under ``folder`` (but not under ``skip``): kind, size and modification time."""
-    out: dict[str, tuple[str, int, int]] = {}
-    for root, dirs, files in os.walk(folder):
-        root_path = Path(root)
-        if skip is not None:
-            dirs[:] = [d for d in dirs if root_path / d != skip]
-        for name in dirs + files:
-            path = root_path / name
-            try:
-                stat = path.lstat()
-            except OSError:
-                continue
-            kind = "link" if path.is_symlink() else "dir" if name in dirs else "file"
-            out[str(path)] = (kind, 0 if kind == "dir" else stat.st_size, 0 if kind == "dir" else stat.st_mtime_ns)
-    return out
-
-
-def _top_level(folder: Path) -> dict[str, tuple[str, int, int]]:
-    out: dict[str, tuple[str, int, int]] = {}
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return out
-    for entry in entries:
-        try:
-            stat = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        is_dir = entry.is_dir(follow_symlinks=False)
-        out[entry.path] = ("dir" if is_dir else "file", 0 if is_dir else stat.st_size, 0 if is_dir else stat.st_mtime_ns)
-    return out
-
-
-def _tree_changes(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, str]:
-    changes = {p: "left behind" for p in set(after) - set(before)}
-    changes.update({p: "removed" for p in set(before) - set(after)})
-    changes.update({p: "changed" for p in set(before) & set(after) if before[p] != after[p]})
-    return changes
-
-
-def _collapse(changes: dict[str, str]) -> list[str]:
-    """'path (what happened)' lines, leaving out entries inside a folder that is reported itself."""
-    ordered = sorted(changes)
-    kept = [p for p in ordered if not any(q != p and _inside(p, q) and changes[q] != "changed" for q in ordered)]
-    return [f"{p} ({changes[p]})" for p in kept]
-
-
-def _file_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (artifact.json included), keyed by relative path."""
-    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _listing(items: list[str], limit: int = 5) -> str:
-    shown = "; ".join(items[:limit])
-    return shown + (f"; and {len(items) - limit} more" if len(items) > limit else "")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -719,7 +528,8 @@ def check_pass(
         stage: ``ctx.stage``, the stage name the pass sees.
         runtime_options: runtime options by form, as the runner passes them (``{"onnx": {...}}``).
         allow_writes: folders a library the pass calls writes to by design (a compiler cache, say);
-            changes there are not violations. The user's cache folder and ~/intel are always allowed.
+            changes there are not violations. The user's cache folder, ~/intel, $OPTIMIZER_CACHE_DIR and the
+            pass's own ``write_folders()`` are always allowed.
         raise_on_violation: raise ``AssertionError`` listing the violated rules (the default, for tests);
             False returns the report either way.
 
@@ -908,7 +718,8 @@ def _run_once(pass_cls: type["Pass"], instance: "Pass", setup: _Setup, stage: st
     changes = {p: why for p, why in _tree_changes(cwd_before, _top_level(cwd)).items() if why == "left behind"}
     changes.update(_tree_changes(tree_before, _tree(root, skip=work_dir)))
     changes.update(_write_changes(recorder, work_dir))
-    allowed = _default_allowed() + [os.path.abspath(os.path.expanduser(str(a))) for a in setup.allow_writes]
+    allowed = _default_allowed() + [os.path.abspath(os.path.expanduser(str(a)))
+                                     for a in (*setup.allow_writes, *instance.write_folders())]
     lines = _collapse({p: why for p, why in changes.items() if not _ignored(p, allowed)})
     if lines:
         checks.violated("writes-confined", f"{label}: outside ctx.work_dir: {_listing(lines)}")
@@ -955,24 +766,6 @@ def _repeat_check(first: Artifact, second: Artifact, deterministic: bool, seed: 
     differ = sorted(n for n in set(first.files) | set(second.files) if first.files.get(n) != second.files.get(n))
     checks.violated("repeatable", f"two runs with seed {seed} wrote different files: {_listing(differ)}; make the "
                                   "pass deterministic, or call check_pass(..., deterministic=False)")
-
-
-def _write_changes(recorder: _WriteRecorder, work_dir: Path) -> dict[str, str]:
-    """What the audit events show was left, changed or removed outside ``work_dir``."""
-    work = str(work_dir)
-    found: dict[str, str] = {}
-    for path, existed in recorder.existed.items():
-        if _inside(path, work):
-            continue
-        exists = os.path.lexists(path)
-        if existed:
-            if path in recorder.removed:
-                found[path] = "replaced" if exists else "removed"
-            else:
-                found[path] = "written to"
-        elif exists:
-            found[path] = "left behind"
-    return found
 
 
 def _finish(report: PassCheckReport, raise_on_violation: bool) -> PassCheckReport:

@@ -78,6 +78,12 @@ class Pass(ABC):
         """Stage names (or 'baseline') this configured pass reads from ``ctx.artifacts``; validated up front."""
         return ()
 
+    def write_folders(self) -> tuple[Path, ...]:
+        """Folders outside ``ctx.work_dir`` this configured pass writes to by design (a cache folder its config
+        names); the runner and check_pass do not count writes there against the contract. The user's cache
+        folder, ``$OPTIMIZER_CACHE_DIR`` and the system temp folder need no mention here."""
+        return ()
+
     @abstractmethod
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         """Turn ``artifact`` into a new artifact written under ``ctx.work_dir``."""

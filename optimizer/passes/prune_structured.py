@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -283,6 +284,11 @@ class PruneStructured(Pass):
         cfg: PruneStructuredConfig = self.config  # type: ignore[assignment]
         sensitivity = cfg.allocation == "latency" and cfg.latency.group_cost == "sensitivity"
         return ("calibration",) if cfg.importance == "taylor" or sensitivity else ()
+
+    def write_folders(self) -> tuple[Path, ...]:
+        # latency.cache_dir is where the latency tables are kept between runs: written by design.
+        cfg: PruneStructuredConfig = self.config  # type: ignore[assignment]
+        return (Path(cfg.latency.cache_dir).expanduser(),) if cfg.latency.cache_dir else ()
 
     # -- pruning one copy ------------------------------------------------------------------------
 

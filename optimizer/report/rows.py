@@ -292,7 +292,7 @@ def notes(report: dict[str, Any]) -> list[str]:
                        f"{control['controlled_drop'] * 100:.2f} (max_drop {control['max_drop'] * 100:g} points); "
                        f"reverted to float: {reverted}.")
         training = (s.get("details") or {}).get("training")
-        if training:
+        if training and "steps" in training:
             out.append(f"Stage '{s['name']}' trained {training['steps']} steps on {training['world_size']} process(es) "
                        f"in {training['seconds']:.0f} s; best selection top-1 {training['best_eval_acc'] * 100:.1f} % "
                        f"at step {training['best_step']} ({training['selection']}).")
@@ -301,9 +301,74 @@ def notes(report: dict[str, Any]) -> list[str]:
             out.append(f"Stage '{s['name']}' pruning: MACs {pruning['macs_before'] / 1e6:.1f} M -> "
                        f"{pruning['macs_after'] / 1e6:.1f} M ({pruning['macs_before'] / pruning['macs_after']:.2f}x fewer), "
                        f"params {pruning['params_before']:,} -> {pruning['params_after']:,}.")
+        out += details_lines(s)
         change = s.get("vs_previous")
         if change and change.get("speedup") and change["speedup"] < 1 and change.get("latency_significant"):
             out.append(f"Stage '{s['name']}' is slower than the stage before it ({change['speedup']:.2f}×).")
     if not report["passed"]:
         out.append("The run did not pass: final/ was not updated.")
     return out
+
+
+# ctx.details keys that have a sentence of their own above, and what that sentence needs to be written.
+DETAILS_WITH_A_LINE: dict[str, tuple[str, ...]] = {
+    "fidelity": ("samples", "max_abs_diff", "max_rel_diff"),
+    "accuracy_control": ("controlled_drop",),
+    "training": ("steps",),
+    "pruning": ("macs_before", "macs_after"),
+}
+DETAIL_ITEMS = 12  # values shown per key; the rest is in report.json
+DETAIL_CHARS = 400
+
+
+def details_lines(stage: dict[str, Any]) -> list[str]:
+    """One line per key a pass put into ``ctx.details`` that has no sentence of its own (custom passes' facts,
+    quantization counts, compile settings): its plain values, nested ones by dotted name, long lists counted.
+    Shared by report.md and report.html, so everything in a stage's details shows in both."""
+    out: list[str] = []
+    for key, value in (stage.get("details") or {}).items():
+        needs = DETAILS_WITH_A_LINE.get(key)
+        if needs is not None and isinstance(value, dict) and all(n in value for n in needs):
+            continue
+        out.append(f"Stage '{stage['name']}' {key}: {_detail_text(value)}.")
+    return out
+
+
+def _detail_text(value: Any) -> str:
+    if not isinstance(value, dict):
+        return _detail_value(value)
+    items = list(_flatten(value))
+    shown = []
+    for name, item in items[:DETAIL_ITEMS]:
+        shown.append(f"{name} {item}")
+        if sum(len(x) + 2 for x in shown) > DETAIL_CHARS:
+            break
+    text = ", ".join(shown) or "(empty)"
+    if len(shown) < len(items):
+        text += f"; {len(items) - len(shown)} more in report.json"
+    return text
+
+
+def _flatten(value: dict[str, Any], prefix: str = "", depth: int = 0):
+    for name, item in value.items():
+        if isinstance(item, dict) and item and depth < 1:
+            yield from _flatten(item, f"{prefix}{name}.", depth + 1)
+        else:
+            yield f"{prefix}{name}", _detail_value(item)
+
+
+def _detail_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "true" if value is True else "false" if value is False else "none"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (int, str)):
+        text = str(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+    if isinstance(value, list):
+        if len(value) <= 6 and all(isinstance(v, (bool, int, float, str)) or v is None for v in value):
+            return "[" + ", ".join(_detail_value(v) for v in value) + "]"
+        return f"{len(value)} items"
+    if isinstance(value, dict):
+        return f"{len(value)} entries"
+    return _detail_value(str(value))
