@@ -168,7 +168,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from optimizer.validate import validate_recipe
 
     _check_recipe_text(args.recipe)
-    loaded = load_recipe(args.recipe, args.overrides)
+    loaded = load_recipe(args.recipe, args.overrides, before_imports=_print_imports)
     checks = validate_recipe(loaded)
     if loaded.recipe.model.checkpoint is not None:
         # The same refusal of unsafe model files that a run applies first, from the file's bytes.
@@ -177,6 +177,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         print(f"ok  {check.what:<16} {check.detail}")
     print(f"{args.recipe}: valid")
     return EXIT_OK
+
+
+def _print_imports(raw: dict, base_dir: Path) -> None:
+    """List the code a schema-valid recipe names, before any of it is imported: loading the recipe imports its
+    passes, and a run imports its factory, data sets and metrics, all with the user's rights."""
+    from optimizer.validate import recipe_imports
+
+    imports = recipe_imports(raw, base_dir)
+    print(f"code this recipe imports ({len(imports)}; it runs with your rights, so trust the recipe as you "
+          "would a script):", flush=True)
+    width = max((len(item.module) for item in imports), default=0)
+    for item in imports:
+        print(f"    {item.module:<{width}}  {item.where}: {item.origin}", flush=True)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import (
@@ -381,6 +381,13 @@ class Recipe(StrictModel):
     name: str = Field(description="A short name for this recipe; shown in the report.")
     description: str | None = None
     seed: int = Field(default=0, description="Seed for data subsets, calibration and measurement inputs.")
+    python_path: list[str] = Field(
+        default_factory=list,
+        description="Folders (relative to the recipe file) put at the front of Python's import path before "
+        "anything the recipe names is imported: for its python: passes, data sets and metrics and its model "
+        "factory, instead of setting PYTHONPATH. The measurement processes get them too. Code found there runs "
+        "with your rights: see the README's Safety section.",
+    )
     model: ModelSpec
     data: DataSection
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
@@ -436,10 +443,16 @@ class Recipe(StrictModel):
 class LoadedRecipe:
     """A validated recipe plus where it came from (paths in it are relative to its folder)."""
 
-    def __init__(self, recipe: Recipe, source: Path | None, raw: dict[str, Any]):
+    def __init__(self, recipe: Recipe, source: Path | None, raw: dict[str, Any], node: yaml.Node | None = None):
         self.recipe = recipe
         self.source = source
         self.raw = raw
+        self.node = node
+        """The YAML node tree of the recipe file (None for a mapping, or after --set): it knows line numbers."""
+
+    def line_of(self, loc: tuple[Any, ...]) -> int | None:
+        """The line in the recipe file of the field at ``loc`` (e.g. ('model', 'factory')), when known."""
+        return _line_of(self.node, loc)
 
     @property
     def base_dir(self) -> Path:
@@ -630,10 +643,14 @@ def format_validation_error(
 def load_recipe(
     source: str | Path | dict[str, Any] | Recipe,
     overrides: list[str] | dict[str, Any] | None = None,
+    *,
+    before_imports: Callable[[dict[str, Any], Path], None] | None = None,
 ) -> LoadedRecipe:
     """Load and validate a recipe from a path, a mapping or a Recipe; apply ``--set`` overrides.
 
     Validates the schema and every stage's pass configuration; `optimizer.validate` checks the rest.
+    ``before_imports(raw, base_dir)`` is called once the schema is valid and before any code the recipe names is
+    imported (`optimizer validate` lists that code there).
     """
     from optimizer.registry import get_pass  # the registry imports pass modules; keep this module light
 
@@ -658,6 +675,9 @@ def load_recipe(
             format_validation_error(exc, where=where, node=node, known=_known_names(Recipe))
         ) from None
 
+    add_python_path(recipe, path.parent if path else Path.cwd(), where, node)
+    if before_imports is not None:
+        before_imports(raw, path.parent if path else Path.cwd())
     for index, stage in enumerate(recipe.stages):
         line = _line_of(node, ("stages", index, "pass"))
         pass_cls = get_pass(stage.pass_name, where=f"{where}{f':{line}' if line else ''}: stages.{index}.pass")
@@ -678,4 +698,29 @@ def load_recipe(
         from optimizer.search.space import check_space
 
         check_space(recipe, where=where, node=node)
-    return LoadedRecipe(recipe, path, raw)
+    return LoadedRecipe(recipe, path, raw, node)
+
+
+def python_path_folders(recipe: Recipe, base_dir: Path) -> list[Path]:
+    """The recipe's python_path folders, resolved against the recipe's folder."""
+    return [(base_dir / Path(folder).expanduser()).resolve() for folder in recipe.python_path]
+
+
+def add_python_path(recipe: Recipe, base_dir: Path, where: str, node: yaml.Node | None) -> None:
+    """Put the recipe's python_path folders at the front of sys.path (once each), as PYTHONPATH would, before
+    any of its passes, data sets, metrics or factory is imported. A missing folder is a recipe error: it is
+    almost always a wrong relative path, and the import error it would cause later names no folder."""
+    import importlib
+    import sys
+
+    added = False
+    for index, folder in enumerate(python_path_folders(recipe, base_dir)):
+        if not folder.is_dir():
+            line = _line_of(node, ("python_path", index))
+            raise RecipeError(f"{where}{f':{line}' if line else ''}: python_path.{index}: folder {folder} does not "
+                              "exist; give folders relative to the recipe file")
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+            added = True
+    if added:
+        importlib.invalidate_caches()  # a folder created after the import system last looked is seen

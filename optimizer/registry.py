@@ -67,7 +67,8 @@ def import_object(path: str, *, where: str) -> object:
         obj: object = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         raise RecipeError(
-            f"{where}: cannot import module '{module_name}' ({exc}); is it installed or on PYTHONPATH?"
+            f"{where}: cannot import module '{module_name}' ({exc}); is it installed, or in a folder the "
+            "recipe's python_path names (relative to the recipe)?"
         ) from None
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from optimizer.errors import InputRejected, RecipeError
 from optimizer.recipe import (
@@ -58,13 +60,23 @@ def check_data_reachable(loaded: LoadedRecipe, split: str) -> str:
     raise RecipeError(f"{where}: unsupported dataset")  # pragma: no cover
 
 
+# The field a check's message starts with ('model.factory: ...', 'stages.1 (int8): ...'), for its line number.
+_FIELD = re.compile(r"^((?:model|data|evaluate|budget|stages|python_path|publish|search)(?:\.[A-Za-z0-9_]+)*)[: ]")
+
+
 def validate_recipe(loaded: LoadedRecipe, *, out: Path | None = None) -> list[Check]:
-    """Raise RecipeError on the first problem (naming the recipe file); return what was checked otherwise."""
+    """Raise RecipeError on the first problem (naming the recipe file and, where the message names a field, its
+    line, as schema errors do); return what was checked otherwise."""
     try:
         return _validate(loaded, out)
     except RecipeError as exc:
-        if loaded.source is not None and not str(exc).startswith(str(loaded.source)):
-            raise RecipeError(f"{loaded.source}: {exc}") from None
+        message = str(exc)
+        if loaded.source is not None and not message.startswith(str(loaded.source)):
+            field = _FIELD.match(message)
+            line = None
+            if field is not None:
+                line = loaded.line_of(tuple(int(p) if p.isdigit() else p for p in field.group(1).split(".")))
+            raise RecipeError(f"{loaded.source}{f':{line}' if line else ''}: {message}") from None
         raise
 
 
@@ -172,3 +184,93 @@ def _latency_runtime(loaded: LoadedRecipe) -> str:
         return f"{recipe.evaluate.latency.runtime}: torch stages timed on PyTorch eager"
     return (f"{recipe.evaluate.latency.runtime}: torch stages timed on {timing.describe()} through a throwaway "
             f"{timing.export['exporter']} export (opset {timing.export['opset']}), in their own precision")
+
+
+# ------------------------------------------------------------------------------------- code a recipe imports
+
+
+@dataclass
+class CodeImport:
+    """A module a recipe makes this process import: it runs with the user's rights."""
+
+    module: str
+    where: str
+    """The recipe field that names it (model.factory, stages.0.pass, data.eval.dataset, ...)."""
+    origin: str
+    """Where it comes from: this package, a python_path folder, an installed package's file, or 'not found'."""
+
+
+def recipe_imports(raw: dict[str, Any], base_dir: Path) -> list[CodeImport]:
+    """Every module the recipe ``raw`` names for import (factories, passes, python: data sets and metrics, in any
+    section), found without importing anything: nothing of it has run when this returns."""
+    listed = raw.get("python_path")
+    folders = [(base_dir / Path(f).expanduser()).resolve() for f in (listed if isinstance(listed, list) else [])
+               if isinstance(f, str) and f]
+    found: list[CodeImport] = []
+    for where, module, kind in _named_code(raw, ()):
+        found.append(CodeImport(module, where, kind or _origin(module, folders)))
+    return found
+
+
+def _named_code(value: Any, loc: tuple[str, ...]):
+    """(field, module, origin or None) for each import the recipe names, in file order."""
+    where = ".".join(loc)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _named_code(item, (*loc, str(key)))
+        return
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _named_code(item, (*loc, str(index)))
+        return
+    if not isinstance(value, str) or not loc:
+        return
+    if value.startswith("python:"):
+        module = value.removeprefix("python:").partition(":")[0]
+        if module:
+            yield where, module, None
+    elif loc[-1] == "factory" and ":" in value:
+        yield where, value.partition(":")[0], None
+    elif loc[-1] == "pass":
+        yield from _pass_module(where, value)
+
+
+def _pass_module(where: str, name: str):
+    from importlib import metadata
+
+    from optimizer.registry import BUILTIN_PASSES, ENTRY_POINT_GROUP, _registered
+
+    if name in BUILTIN_PASSES:
+        yield where, BUILTIN_PASSES[name].partition(":")[0], "built-in pass"
+    elif name in _registered:
+        yield where, _registered[name].__module__, "registered in this process"
+    else:
+        for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if entry.name == name:
+                dist = getattr(entry, "dist", None)
+                package = f"package {dist.name} {dist.version}" if dist is not None else "an installed package"
+                yield where, entry.value.partition(":")[0], f"entry point of {package}"
+                return
+
+
+def _origin(module: str, folders: list[Path]) -> str:
+    """Where the top-level package of ``module`` would be imported from, found the way import would look
+    (python_path folders first, then sys.path) but without running it."""
+    import sys
+    from importlib.machinery import PathFinder
+
+    top = module.partition(".")[0]
+    if top == "optimizer":
+        return "this package"
+    if top in sys.builtin_module_names:
+        return "built into Python"
+    try:
+        spec = PathFinder.find_spec(top, [str(f) for f in folders] + [p for p in sys.path if p])
+    except (ImportError, ValueError, OSError):  # a name no import could take; loading the recipe reports it
+        spec = None
+    if spec is None:
+        return "not found"
+    location = spec.origin or (list(spec.submodule_search_locations or []) or ["?"])[0]
+    if any(Path(location).is_relative_to(folder) for folder in folders):
+        return f"python_path: {location}"
+    return str(location)
