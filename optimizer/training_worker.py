@@ -9,15 +9,56 @@ weights (safetensors) and ``result.json``. Every rank runs the same loop (``opti
 under DistributedDataParallel; progress goes to stdout from rank 0 as ``@@progress <fraction> <text>``.
 An error is written to ``result.json`` by the rank that hit it (if rank 0 has not written one), with the
 exit code of its class, and the rank exits non-zero so that torchrun stops the others.
+
+Only rank 0's weights are saved, so before saving, every rank hashes its final state (parameters and
+buffers, :func:`state_digest`) and the digests are gathered: ranks that ended on different weights (a
+gradient that was not reduced, a keep/stop decision taken differently) would make the saved model one
+rank's private result, so that is a stage error. The digests go into the result as ``rank_state_sha256``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from optimizer.training import DistInfo
+
+
+def state_digest(module: "torch.nn.Module") -> str:
+    """sha256 over the module's state (parameters and buffers): names, dtypes, shapes and bytes, in name order.
+
+    Bit-for-bit, not within a tolerance: DDP averages the gradients before every step, so ranks that
+    started from the same weights apply the same update and must stay identical."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # A byte view: numpy has no bfloat16, and the bytes are what must agree.
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_digests(module: "torch.nn.Module", info: "DistInfo") -> list[str]:
+    """Every rank's :func:`state_digest`, in rank order (a one-element list in a single process)."""
+    mine = state_digest(module)
+    if not info.distributed:
+        return [mine]
+    import torch.distributed as dist
+
+    digests: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(digests, mine)
+    return [str(d) for d in digests]
 
 
 def _write_result(path: Path, payload: dict) -> None:
@@ -52,9 +93,17 @@ def run(request: dict) -> dict:
 
         result = train(student, train_data, selection, cfg, seed=request["seed"], teacher=teacher, kd=kd,
                        progress=progress, dist_info=info, where=f"stage '{request['stage']}'")
+        digests = gather_digests(student, info)
+        if len(set(digests)) != 1:
+            from optimizer.errors import StageError
+
+            listed = ", ".join(f"rank {r} {d[:12]}" for r, d in enumerate(digests))
+            raise StageError(f"stage '{request['stage']}': the {len(digests)} training processes ended with "
+                             f"different weights ({listed}); the saved model would be rank 0's alone. "
+                             "Train with processes: 1 and report this")
         if info.is_main:
             save_module_weights(student, Path(request["weights"]))
-        return result.to_dict()
+        return {**result.to_dict(), "rank_state_sha256": digests}
     finally:
         finish_distributed(info)
 
