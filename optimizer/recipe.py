@@ -676,6 +676,10 @@ def load_recipe(
         ) from None
 
     add_python_path(recipe, path.parent if path else Path.cwd(), where, node)
+    if path is not None and recipe.python_path:
+        # Recipes rebuilt from this mapping (a search's trials) are loaded without the file: keep the folders
+        # the file meant, not folders relative to wherever that happens.
+        raw["python_path"] = [str(folder) for folder in python_path_folders(recipe, path.parent)]
     if before_imports is not None:
         before_imports(raw, path.parent if path else Path.cwd())
     for index, stage in enumerate(recipe.stages):

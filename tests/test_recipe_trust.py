@@ -147,3 +147,16 @@ def test_validate_lists_every_module_the_recipe_imports_before_importing_any(tmp
     # Listed first, imported after: the module's own code ran only once the list was printed.
     assert stdout.index(f"{module}: module body ran") > stdout.index(lines[4])
     assert lines[-1] == f"{recipe}: valid"
+
+
+def test_a_recipe_rebuilt_from_its_mapping_keeps_the_python_path_folders(tmp_path: Path, example_checkpoint: Path,
+                                                                         clean_sys_path, monkeypatch) -> None:
+    """A search's trials are loaded from the recipe's mapping, elsewhere: the folders stay the file's."""
+    from optimizer.recipe import load_recipe
+
+    recipe, module = user_project(tmp_path, example_checkpoint)
+    loaded = load_recipe(recipe)
+    assert loaded.raw["python_path"] == [str(recipe.parent / "code")]
+    monkeypatch.chdir(tmp_path)
+    again = load_recipe(loaded.raw)
+    assert again.recipe.stages[0].pass_name == f"python:{module}:Copy"
