@@ -61,12 +61,42 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
         outcome["error"] = one_line(f"{type(exc).__name__}: {first_line(exc, 300)}")
     outcome["seconds"] = round(time.perf_counter() - started, 3)
     if report is not None:
+        outcome["uncached_seconds"] = _uncached_seconds(report, Path(request["cache"]), outcome["seconds"])
         figures = _figures(report)
         if outcome["status"] == "failed":  # no figures for a chain that did not finish: only what it cost
             figures = {k: v for k, v in figures.items() if k in ("stages_run", "stages_cached", "stage_seconds")}
         outcome.update(figures)
         outcome["report"] = str(out / "report.json")
     return outcome
+
+
+def _uncached_seconds(report: dict[str, Any], cache: Path, wall: float) -> float | None:
+    """What this trial would have taken with nothing cached: its own time, with each stage it took from the cache
+    counted at what making and measuring that stage cost when it was stored. None when an entry is gone."""
+    from optimizer.artifact import Artifact
+
+    index: dict[tuple[Any, ...], float] = {}
+    for path in cache.glob("*/entry.json"):
+        try:
+            body = json.loads(path.read_text(encoding="utf-8"))["body"]
+            sha = Artifact.load(path.parent / "artifact").sha256
+        except (OSError, ValueError, KeyError, TypeError, OptimizerError):
+            continue
+        metrics = body.get("metrics") or {}
+        index[(body.get("stage"), sha, (metrics.get("accuracy") or {}).get("n"),
+               (metrics.get("latency") or {}).get("mode"))] = float(body.get("seconds") or 0.0)
+    spent = uncached = 0.0
+    for stage in report["stages"]:
+        seconds = float(stage.get("seconds") or 0.0)
+        spent += seconds
+        if stage.get("cached"):
+            key = (stage["name"], stage.get("sha256"), (stage.get("accuracy") or {}).get("n"),
+                   (stage.get("latency") or {}).get("mode"))
+            if key not in index:
+                return None
+            seconds = index[key]
+        uncached += seconds
+    return round(wall - spent + uncached, 3)
 
 
 def _measured(report: dict[str, Any]) -> bool:
