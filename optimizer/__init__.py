@@ -18,6 +18,7 @@ __all__ = [
     "load_recipe",
     "register_pass",
     "run_recipe",
+    "run_search",
     "__version__",
 ]
 
@@ -30,6 +31,7 @@ _LAZY = {
     "load_recipe": "optimizer.recipe",
     "register_pass": "optimizer.registry",
     "run_recipe": "optimizer.runner",
+    "run_search": "optimizer.search.driver",
 }
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from optimizer.registry import register_pass
     from optimizer.report.build import Report
     from optimizer.runner import run_recipe
+    from optimizer.search.driver import run_search
 
 
 def __getattr__(name: str) -> Any:
