@@ -256,11 +256,13 @@ class _Search:
         return rows
 
     def pareto(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The screening's Pareto front (accuracy up, p50 down) among the feasible trials, best first by the
-        objective."""
+        """The screening's Pareto front (accuracy up, p50 down) among the feasible trials and those just over a
+        latency budget (``screening.latency_margin``), best first by the objective."""
         from optimizer.report.verdict import pareto_front
 
-        pool = [r for r in rows if r["feasible"] and r.get("status") == "ok"]
+        margin = self.loaded.recipe.search.screening.latency_margin
+        pool = [r for r in rows if r.get("status") == "ok" and r["state"] == "complete"
+                and (r["feasible"] or _near_latency_budget(r["constraints"], margin))]
         if not pool:
             return []
         # A configuration drawn twice is one candidate (its first trial).
@@ -357,6 +359,11 @@ class _Search:
         report = build_search_report(self, interrupted=interrupted)
         write_search_report(report, self.out)
         return report
+
+
+def _near_latency_budget(constraints: dict[str, float], margin: float) -> bool:
+    """Within every budget but latency, and over a latency budget by at most ``margin`` (relative)."""
+    return all(value <= (margin if name.startswith("latency_") else 0.0) for name, value in constraints.items())
 
 
 def _overlaps(interval: list[float] | None, value: float, low: float, high: float) -> bool:

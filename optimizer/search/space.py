@@ -139,6 +139,11 @@ class Screening(_Strict):
         description="Trials are screened on this many eval samples (drawn with the recipe's seed); null: all.")
     latency: Literal["quick", "full"] = Field(
         default="quick", description="Latency mode of the screening runs; the Pareto set is re-measured in full.")
+    latency_margin: float = Field(
+        default=0.25, ge=0, le=1,
+        description="Quick latency is noisy: a trial whose screening p50/p90 is at most this fraction over a latency "
+        "budget (and within every other budget) is still a candidate for the full re-measure, which decides. The "
+        "sampler is told it is infeasible either way.")
 
 
 class SearchSection(_Strict):
