@@ -88,34 +88,36 @@ def run_search(
     identity_raw.get("search", {}).pop("trials", None)
     identity = digest({"recipe": identity_raw, "objective": objective})
 
-    make_output_folder(out_dir)
-    search = _Search(out_dir, space, loaded, objective, limits, higher, log)
-    with OutputLock(out_dir, notify=log):
-        recover(out_dir, notify=log)
-        study = open_study(out_dir, objective=objective, identity=identity, resume=resume)
-        fresh = not study.get_trials(deepcopy=False)
-        if fresh:
-            study.enqueue_trial(space.default_params())
-        search.study = study
-        executor = make_executor(ray, workers, out_dir / ".work")
+    # The executor first: a Ray that is missing or unreachable is a usage error before anything is written.
+    executor = make_executor(ray, workers, out_dir / ".work")
+    try:
+        make_output_folder(out_dir)
+        search = _Search(out_dir, space, loaded, objective, limits, higher, log)
         search.executor_description = executor.description
-        started = time.monotonic()
-        try:
-            search.screen(executor, target, workers, deadline=None if timeout_min is None
-                          else started + timeout_min * 60)
-            search.remeasure(executor, section.remeasure)
-        except BatchInterrupted as stop:
-            search.record(stop.finished)
-            search.write_report(interrupted=True)
-            raise Interrupted(f"search interrupted; {search.finished_count()} trials are in {out_dir / 'study.journal'}"
-                              "; re-run with --resume to continue (no finished trial runs again)") from None
-        finally:
-            executor.close()
-        search.wall_s = time.monotonic() - started
-        chosen = search.choose()
-        if chosen is not None:
-            search.publish(chosen)
-        report = search.write_report(interrupted=False)
+        with OutputLock(out_dir, notify=log):
+            recover(out_dir, notify=log)
+            study = open_study(out_dir, objective=objective, identity=identity, resume=resume)
+            if not study.get_trials(deepcopy=False):
+                study.enqueue_trial(space.default_params())
+            search.study = study
+            started = time.monotonic()
+            try:
+                search.screen(executor, target, workers, deadline=None if timeout_min is None
+                              else started + timeout_min * 60)
+                search.remeasure(executor, section.remeasure)
+            except BatchInterrupted as stop:
+                search.record(stop.finished)
+                search.write_report(interrupted=True)
+                raise Interrupted(f"search interrupted; {search.finished_count()} trials are in "
+                                  f"{out_dir / 'study.journal'}; re-run with --resume to continue (no finished trial "
+                                  "runs again)") from None
+            search.wall_s = time.monotonic() - started
+            chosen = search.choose()
+            if chosen is not None:
+                search.publish(chosen)
+            report = search.write_report(interrupted=False)
+    finally:
+        executor.close()
     if chosen is None:
         raise GateFailed(search.unreachable_message())
     return SearchResult(out_dir, report, chosen)
