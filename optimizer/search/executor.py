@@ -60,7 +60,7 @@ class LocalExecutor:
         log_path = self.work_dir / f"{tag}.log"
         with self._lock:
             if self._stopping:
-                return _crashed(request, "not started: the search was interrupted")
+                raise KeyboardInterrupt  # never started: it stays open in the study and runs on --resume
             with open(log_path, "wb") as log:
                 process = subprocess.Popen(
                     [sys.executable, "-m", "optimizer.search.trial", str(request_path), str(outcome_path)],
