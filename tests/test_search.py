@@ -173,7 +173,7 @@ def test_search_runs_trials_through_the_runner_and_publishes_the_choice(local_se
     # The Pareto trial was re-measured in full (400 samples) before it was chosen.
     assert report["full"] and report["full"][0]["accuracy_n"] == 400
     chosen = report["chosen"]
-    assert chosen["trial"] in report["pareto"]
+    assert chosen["trial"] in report["candidates"]
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     assert manifest["search"]["trial"] == chosen["trial"]
     assert manifest["search"]["params"] == chosen["params"]

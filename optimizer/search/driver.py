@@ -257,9 +257,12 @@ class _Search:
             })
         return rows
 
-    def pareto(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The screening's Pareto front (accuracy up, p50 down) among the feasible trials and those just over a
-        latency budget (``screening.latency_margin``), best first by the objective."""
+    def candidates(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The candidates for the full re-measure, best first by the objective: the screening's Pareto front
+        (accuracy up, p50 down) and, under the accuracy and Pareto objectives, every trial whose accuracy is not
+        significantly below the most accurate one's (95 % intervals overlap: a subset of the eval data cannot rank
+        them), among the feasible trials and those just over a latency budget (``screening.latency_margin``).
+        Trials whose chains produced the same artifact are one candidate (the first)."""
         from optimizer.report.verdict import pareto_front
 
         margin = self.loaded.recipe.search.screening.latency_margin
@@ -267,12 +270,20 @@ class _Search:
                 and (r["feasible"] or _near_latency_budget(r["constraints"], margin))]
         if not pool:
             return []
-        # A configuration drawn twice is one candidate (its first trial).
         seen: set[str] = set()
-        pool = [r for r in pool if not (repr(sorted(r["params"].items())) in seen
-                                        or seen.add(repr(sorted(r["params"].items()))))]
+        unique = []
+        for row in sorted(pool, key=lambda r: r["number"]):
+            key = row.get("artifact_sha256") or repr(sorted(row["params"].items()))
+            if key not in seen:
+                seen.add(key)
+                unique.append(row)
         sign = 1 if self.higher else -1
-        front = [pool[i] for i in pareto_front([(r["p50_ms"], sign * r["accuracy"]) for r in pool])]
+        chosen = {unique[i]["number"] for i in pareto_front([(r["p50_ms"], sign * r["accuracy"]) for r in unique])}
+        if self.objective != "latency":
+            best = min(unique, key=lambda r: (-sign * r["accuracy"], r["p50_ms"], r["number"]))
+            low, high = best.get("accuracy_ci95") or [best["accuracy"]] * 2
+            chosen |= {r["number"] for r in unique if _overlaps(r.get("accuracy_ci95"), r["accuracy"], low, high)}
+        front = [r for r in unique if r["number"] in chosen]
         if self.objective == "latency":
             front.sort(key=lambda r: (r["p50_ms"], -sign * r["accuracy"], r["number"]))
         else:
@@ -281,13 +292,13 @@ class _Search:
 
     # ------------------------------------------------------------------------------------ full runs
     def remeasure(self, executor, count: int) -> None:
-        front = self.pareto(self.trials())[:count]
+        front = self.candidates(self.trials())[:count]
         if not front:
             return
         if self._screening_is_full():
             self.full = {r["number"]: {**r, "phase": "full"} for r in front}
             return
-        self.log(f"re-measuring {len(front)} Pareto trial(s) in full: {', '.join(str(r['number']) for r in front)}")
+        self.log(f"re-measuring {len(front)} candidate trial(s) in full: {', '.join(str(r['number']) for r in front)}")
         outcomes = executor.run_batch([self._request(r["number"], r["params"], "full") for r in front])
         for outcome in outcomes:
             self.full[outcome["number"]] = outcome

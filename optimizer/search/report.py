@@ -52,7 +52,7 @@ def build_search_report(search: "_Search", *, interrupted: bool) -> dict[str, An
         "interrupted": interrupted,
         "wall_s": round(search.wall_s, 3),
         "trials": trials,
-        "pareto": [r["number"] for r in search.pareto(trials)],
+        "candidates": [r["number"] for r in search.candidates(trials)],
         "full": full,
         "chosen": None if chosen is None else {
             "trial": chosen["number"], "label": search.space.describe(search._params_of(chosen["number"])),
@@ -188,7 +188,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             row[0] = f"[{row[0]}]({trial['report_link']})"
     lines += table(columns, rows) + [""]
     if report["full"]:
-        lines += ["## Pareto trials re-measured in full", ""]
+        lines += ["## Candidates re-measured in full", ""]
         full_rows = [[str(r["number"]), r.get("status", "–"), _acc(report, r.get("accuracy")) +
                       f" ({_acc_ci(report, r.get('accuracy_ci95'))})",
                       _ms(r.get("p50_ms"), r.get("p50_ci95_ms")), _ms(r.get("p90_ms"), r.get("p90_ci95_ms")),
@@ -322,7 +322,7 @@ def render_html(report: dict[str, Any]) -> str:
             f"({esc(_acc_ci(report, r.get('accuracy_ci95')))})</td><td>{esc(_ms(r.get('p50_ms'), r.get('p50_ci95_ms')))}"
             f"</td><td>{esc(_ms(r.get('p90_ms'), r.get('p90_ci95_ms')))}</td><td>{'yes' if r['meets_budgets'] else 'no'}"
             "</td></tr>" for r in report["full"])
-        full = ("<section><h2>Pareto trials re-measured in full</h2><table><thead><tr><th>trial</th><th>status</th>"
+        full = ("<section><h2>Candidates re-measured in full</h2><table><thead><tr><th>trial</th><th>status</th>"
                 "<th>accuracy (CI)</th><th>p50 ms (CI)</th><th>p90 ms (CI)</th><th>meets budgets</th></tr></thead>"
                 f"<tbody>{rows}</tbody></table></section>")
     values = report["importance"].get("values") or {}

@@ -155,8 +155,9 @@ class SearchSection(_Strict):
         "accuracy budget is set, else pareto.")
     remeasure: int = Field(
         default=4, ge=1,
-        description="At most this many trials of the screening's Pareto front are re-run in full (full eval data and "
-        "latency, with intervals) before the choice.")
+        description="At most this many candidates of the screening (its Pareto front, and the trials not significantly "
+        "less accurate than the best) are re-run in full (full eval data and latency, with intervals) before the "
+        "choice.")
     screening: Screening = Field(default_factory=Screening)
     stages: dict[str, StageSearch] = Field(min_length=1, description="What to search, by stage name.")
 

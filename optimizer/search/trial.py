@@ -132,6 +132,7 @@ def _figures(report: dict[str, Any]) -> dict[str, Any]:
         "runtime": latency.get("runtime"),
         "form": last.get("form"),
         "size_bytes": last.get("size_bytes"),
+        "artifact_sha256": last.get("sha256"),
     })
     return figures
 
