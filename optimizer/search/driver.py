@@ -319,11 +319,11 @@ class _Search:
         if self.objective == "accuracy":
             chosen = min(eligible, key=lambda o: (-sign * o["accuracy"], o["p50_ms"], o["number"]))
             self.why = ("the most accurate trial within the budgets" + _budget_words(self.limits)
-                        + ", re-measured on the full eval data with full latency")
+                        + ", re-measured with the recipe's own eval data and latency settings")
         elif self.objective == "latency":
             chosen = min(eligible, key=lambda o: (o["p50_ms"], -sign * o["accuracy"], o["number"]))
             self.why = ("the fastest trial (p50) within the budgets" + _budget_words(self.limits)
-                        + ", re-measured on the full eval data with full latency")
+                        + ", re-measured with the recipe's own eval data and latency settings")
         else:
             # No budget: the fastest trial whose accuracy is not significantly below the most accurate one's
             # (their 95 % intervals overlap).
