@@ -38,6 +38,16 @@ def test_quantize_ort_default_is_u8s8_qdq_and_keeps_accuracy(example_onnx: Path,
     assert fidelity["top1_agreement"] >= 0.97 and fidelity["reference"] == "the FP32 input (onnxruntime)"
 
 
+def test_quantize_ort_without_pre_processing_leaves_its_input_untouched(example_onnx: Path, tmp_path: Path) -> None:
+    # quantize_static writes an inferred copy beside the model it reads: never beside the input artifact.
+    stages = [{"name": "int8", "pass": "quantize.ort", "with": {"preprocess": False, "subset_size": 64}}]
+    report = run_recipe(onnx_recipe(example_onnx, stages), out=tmp_path / "o")
+    assert report.stage("int8")["precision"] == "int8"
+    baseline = tmp_path / "o" / "artifacts" / "baseline"
+    listed = set(json.loads((baseline / "artifact.json").read_text())["files"])
+    assert {p.name for p in baseline.iterdir()} == listed | {"artifact.json"}
+
+
 # Fashion-MNIST's training split with the normalization the example was trained with: held-out data for
 # accuracy control, apart from the test split the pipeline reports on.
 TRAIN_SPLIT = {"dataset": "fashion-mnist", "split": "train", "mean": [0.2860], "std": [0.3530]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,13 @@ class QuantizeOrt(Pass):
                     source = prepared
                 except Exception as exc:  # pre-processing is an optimization; quantization works without it
                     ctx.progress.log(f"quant_pre_process skipped: {first_line(exc, 120)}")
+            if source == artifact.entry_path:
+                # quantize_static writes a shape-inferred copy of its input beside it (model-inferred.onnx): it
+                # gets a private copy to write beside, never the input artifact's folder, which must not change.
+                for name in artifact.files or {artifact.entry_path.name: ""}:
+                    (Path(scratch) / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(artifact.path / name, Path(scratch) / name)
+                source = Path(scratch) / artifact.entry_path.name
             ctx.progress.update(f"onnxruntime: calibrating on {cfg.subset_size} samples ({cfg.calibrate_method})")
             try:
                 quantize_static(
