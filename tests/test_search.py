@@ -314,3 +314,101 @@ def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_
     for number, completed in finished.items():
         assert trials[number].datetime_complete == completed  # told once, never run again
     assert (out / "final" / "manifest.json").is_file()
+
+
+# ------------------------------------------------------------------------------- resume and the choice
+
+
+def _search_manifest(out: Path) -> dict:
+    """final/'s manifest search section, less the paths that name the folder."""
+    search = json.loads((out / "final" / "manifest.json").read_text())["search"]
+    return {k: v for k, v in search.items() if k not in ("study", "recipe")}
+
+
+def test_a_search_stopped_early_then_resumed_publishes_the_same_choice_as_one_run(local_search, tmp_path):
+    path, whole, code = local_search
+    assert code == 0
+    out = tmp_path / "out"
+    # Stopped after 2 of the 4 trials (same seed, same workers), then continued to 4 with --resume.
+    assert _run(path, out, "--workers", "2", "--trials", "2") == 0
+    assert [t.number for t in _journal_trials(out)] == [0, 1]
+    assert _run(path, out, "--workers", "2", "--resume") == 0
+    one_run = json.loads((whole / "search.json").read_text())
+    resumed = json.loads((out / "search.json").read_text())
+    assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in one_run["trials"]]
+    assert resumed["chosen"]["trial"] == one_run["chosen"]["trial"]
+    assert resumed["chosen"]["params"] == one_run["chosen"]["params"]
+    assert _search_manifest(out) == _search_manifest(whole)
+    assert _search_manifest(out)["trial"] == one_run["chosen"]["trial"]
+
+
+# ------------------------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_publishing_the_choice_exits_5_keeps_final_and_the_journal(local_search, tmp_path, capsys,
+                                                                              monkeypatch):
+    import errno
+
+    from tests.test_faults import LEFTOVER_MARKS, one_error_line
+
+    path, whole, _ = local_search
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    final_before = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "final").rglob("*") if p.is_file()}
+    real = os.replace
+    failed: list[str] = []
+
+    def replace(src, dst, *args, **kwargs):
+        # The new final/ cannot be moved in: the disk is full (the old one is already set aside).
+        if Path(dst) == out / "final" and not failed:
+            failed.append(str(dst))
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
+    code = _run(path, out, "--trials", "5", "--resume")
+    err = capsys.readouterr().err
+    assert failed, "the injected fault did not trigger"
+    assert code == 5, err
+    line = one_error_line(err)
+    assert len(err.strip().splitlines()) == 1 and "disk full" in line and "--resume" in line
+    # The previous final/ is intact, with no half-published folder beside it.
+    after = {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "final").rglob("*") if p.is_file()}
+    assert after == final_before
+    assert not [p for p in out.rglob("*") if any(m in p.name for m in LEFTOVER_MARKS)]
+    # The journal holds the 5 trials, and a resumed search publishes from it without running any again.
+    monkeypatch.setattr(os, "replace", real)
+    trials = _journal_trials(out)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4] and all(t.state.is_finished() for t in trials)
+    stamps = {p.parent.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")}
+    assert _run(path, out, "--trials", "5", "--resume") == 0
+    assert {p.parent.name: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")} == stamps
+    chosen = json.loads((out / "search.json").read_text())["chosen"]
+    assert _search_manifest(out)["trial"] == chosen["trial"] and _search_manifest(out)["trials"] == 5
+
+
+def test_disk_full_mid_search_exits_5_and_resume_finishes_it(example_checkpoint, tmp_path, capsys, monkeypatch):
+    from tests.test_faults import _fail_fsync_of, one_error_line
+
+    path = write_recipe(tmp_path, search_recipe(example_checkpoint, trials=2))
+    out = tmp_path / "out"
+    # The report written after the first trial cannot be synced: the disk is full.
+    real_fsync = os.fsync
+    failed = _fail_fsync_of("search.json", monkeypatch)
+    code = _run(path, out)
+    err = capsys.readouterr().err
+    assert failed, "the injected fault did not trigger"
+    assert code == 5, err
+    line = one_error_line(err)
+    assert len(err.strip().splitlines()) == 1 and "disk full" in line and "--resume" in line
+    assert not (out / "final").exists()
+    finished = {t.number: t.datetime_complete for t in _journal_trials(out) if t.state.is_finished()}
+    assert finished
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert _run(path, out, "--resume") == 0
+    trials = _journal_trials(out)
+    assert [t.number for t in trials] == [0, 1] and all(t.state.is_finished() for t in trials)
+    for number, completed in finished.items():
+        assert trials[number].datetime_complete == completed  # not run again
+    assert (out / "final" / "manifest.json").is_file()

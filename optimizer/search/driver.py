@@ -56,6 +56,7 @@ def run_search(
     Ctrl-C (the journal keeps every finished trial; --resume continues)."""
     from optimizer.output_folder import OutputLock, recover
     from optimizer.preflight import make_output_folder
+    from optimizer.errors import disk_full, is_disk_full
     from optimizer.recipe import load_recipe
     from optimizer.search.executor import BatchInterrupted, make_executor
     from optimizer.search.space import Space
@@ -111,11 +112,22 @@ def run_search(
                 raise Interrupted(f"search interrupted; {search.finished_count()} trials are in "
                                   f"{out_dir / 'study.journal'}; re-run with --resume to continue (no finished trial "
                                   "runs again)") from None
+            except OSError as exc:
+                if is_disk_full(exc):
+                    # As in `optimizer run`: one line, exit 5; the journal keeps every finished trial and a
+                    # previous final/ is restored by the publish's rollback, so --resume continues from here.
+                    raise disk_full(exc, "search") from None
+                raise
             search.wall_s = time.monotonic() - started
             chosen = search.choose()
-            if chosen is not None:
-                search.publish(chosen)
-            report = search.write_report(interrupted=False)
+            try:
+                if chosen is not None:
+                    search.publish(chosen)
+                report = search.write_report(interrupted=False)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(exc, "publishing the search's choice") from None
+                raise
     finally:
         executor.close()
     if chosen is None:
