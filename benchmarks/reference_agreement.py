@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"Environment: {describe(report['environment'])}")
     print(f"batch 1, {args.threads} thread(s), {args.rounds} alternating rounds, median of round medians\n")
-    print(f"| stage | form | reference | toolkit p50 ms | reference p50 ms | ratio |")
+    print("| stage | form | reference | toolkit p50 ms | reference p50 ms | ratio |")
     print("|---|---|---|---:|---:|---:|")
     for name, form, ref_name, ours_p50, ref_p50, ratio in rows:
         print(f"| {name} | {form} | {ref_name} | {ours_p50:.4f} | {ref_p50:.4f} | {ratio:.3f} |")

@@ -22,7 +22,7 @@ import numpy as np
 from rich.markup import escape
 
 from optimizer.artifact import Artifact
-from optimizer.data.provider import DataProvider
+from optimizer.data.provider import DataProvider, ProviderView
 from optimizer.contract import (
     _default_allowed,
     _inside,
@@ -572,31 +572,13 @@ class Runner:
         return None
 
 
-class _DataOutsideWatch:
+class _DataOutsideWatch(ProviderView):
     """ctx.data while a pass runs watched: loading a split runs the recipe's data code (a python: data set may
     download or cache files), which is the recipe's doing, not the pass's, so it is not watched."""
-
-    def __init__(self, provider: DataProvider):
-        self._provider = provider
 
     def get(self, split):
         with unwatched():
             return self._provider.get(split)
-
-    def eval(self):
-        return self.get("eval")
-
-    def calibration(self):
-        return self.get("calibration")
-
-    def train(self):
-        return self.get("train")
-
-    def validation(self):
-        return self.get("validation")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._provider, name)
 
 
 def record_latency_budget(record: dict[str, Any], budget) -> None:

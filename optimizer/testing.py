@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from optimizer.artifact import FORMS, METADATA_FILE, Artifact
+from optimizer.data.provider import ProviderView
 # One implementation of write watching, shared with the runner, which enforces the same rules on every run.
 from optimizer.contract import (
     _collapse,
@@ -160,11 +161,11 @@ class PassCheckReport:
 # ------------------------------------------------------------------------------------------ data
 
 
-class _RecordingData:
+class _RecordingData(ProviderView):
     """A DataProvider stand-in that remembers which splits the pass read."""
 
     def __init__(self, provider: "DataProvider"):
-        self._provider = provider
+        super().__init__(provider)
         self.read: set[str] = set()
 
     def has(self, split: str) -> bool:
@@ -173,21 +174,6 @@ class _RecordingData:
     def get(self, split: str):
         self.read.add(split)
         return self._provider.get(split)  # type: ignore[arg-type]
-
-    def eval(self):
-        return self.get("eval")
-
-    def calibration(self):
-        return self.get("calibration")
-
-    def train(self):
-        return self.get("train")
-
-    def validation(self):
-        return self.get("validation")
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._provider, name)
 
 
 def _synthetic_inputs(specs: list, seed: int) -> dict[str, np.ndarray]:

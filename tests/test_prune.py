@@ -5,7 +5,6 @@ exported to ONNX and reloaded in a fresh process with identical outputs."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -45,3 +45,29 @@ class DataProvider:
 
     def validation(self) -> ArrayData:
         return self.get("validation")
+
+
+class ProviderView:
+    """A stand-in for a DataProvider whose split accessors all go through its own ``get``, so a wrapper that
+    watches or records reads overrides that one method; everything else is the provider's."""
+
+    def __init__(self, provider: DataProvider):
+        self._provider = provider
+
+    def get(self, split: str) -> ArrayData:
+        return self._provider.get(split)  # type: ignore[arg-type]
+
+    def eval(self) -> ArrayData:
+        return self.get("eval")
+
+    def calibration(self) -> ArrayData:
+        return self.get("calibration")
+
+    def train(self) -> ArrayData:
+        return self.get("train")
+
+    def validation(self) -> ArrayData:
+        return self.get("validation")
+
+    def __getattr__(self, name: str):
+        return getattr(self._provider, name)

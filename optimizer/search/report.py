@@ -197,7 +197,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                        [[md(c, cell=True) for c in row] for row in full_rows]) + [""]
     values = report["importance"].get("values") or {}
     lines += ["## Parameter importance", ""]
-    lines += ([f"- `{k}`: {v:.3f}" for k, v in values.items()] + [f"", f"{report['importance']['note']}."]
+    lines += ([f"- `{k}`: {v:.3f}" for k, v in values.items()] + ["", f"{report['importance']['note']}."]
               if values else [f"{report['importance']['note']}."])
     cache = report["cache"]
     lines += ["", "## Stage cache", "", _cache_sentence(cache), ""]
