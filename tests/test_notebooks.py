@@ -39,7 +39,11 @@ def test_committed_notebooks_have_no_outputs(path: Path) -> None:
                 "(jupyter nbconvert --clear-output --inplace)")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# The search notebook runs a whole search (a minute here), which tests/test_search.py covers in the fast suite.
+RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.stem == "04_search" else p for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", RUNS, ids=lambda p: p.stem)
 def test_notebook_runs_without_errors(path: Path, example_checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
     if path.stem in REQUIRES:
         pytest.importorskip(REQUIRES[path.stem])

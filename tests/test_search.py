@@ -325,6 +325,7 @@ def _search_manifest(out: Path) -> dict:
     return {k: v for k, v in search.items() if k not in ("study", "recipe")}
 
 
+@pytest.mark.slow  # two more searches; test_resume_continues_with_no_trial_repeated stays in the fast suite
 def test_a_search_stopped_early_then_resumed_publishes_the_same_choice_as_one_run(local_search, tmp_path):
     path, whole, code = local_search
     assert code == 0
