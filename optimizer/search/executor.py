@@ -105,7 +105,7 @@ class LocalExecutor:
         for process in running:
             try:
                 os.killpg(process.pid, signal.SIGINT)
-            except ProcessLookupError:
+            except ProcessLookupError:  # the trial's process group has already exited: nothing to stop
                 pass
         for process in running:
             try:
@@ -119,7 +119,7 @@ class LocalExecutor:
         for process in running:
             try:
                 os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
+            except ProcessLookupError:  # the trial's process group has already exited: nothing to stop
                 pass
 
 
