@@ -42,12 +42,32 @@ class StrictModel(BaseModel):
 # --------------------------------------------------------------------------------------------- model
 
 
+class DynamicAxis(StrictModel):
+    """A non-batch input dimension that may vary at run time, within bounds (e.g. a sequence length)."""
+
+    name: str = Field(min_length=1, description="Symbolic name; inputs that share a name share the length "
+                                                "(input_ids and attention_mask: 'seq').")
+    min: int = Field(ge=1, description="Smallest size the deployed model must accept.")
+    max: int = Field(ge=1, description="Largest size the deployed model must accept.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "DynamicAxis":
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
 class InputSpec(StrictModel):
     """One model input. The first dimension is the batch and stays dynamic in exported models."""
 
     name: str = "input"
-    shape: list[int] = Field(min_length=1, description="Shape with the batch first, e.g. [1, 1, 28, 28].")
+    shape: list[int] = Field(min_length=1, description="Shape with the batch first, e.g. [1, 1, 28, 28]. For a "
+                                                       "dynamic axis, the size used where one fixed shape is needed.")
     dtype: Literal["float32", "float16", "int64", "int32", "uint8", "bool"] = "float32"
+    dynamic: dict[int, DynamicAxis] = Field(
+        default_factory=dict,
+        description="Non-batch axes that vary, by axis index, with bounds, e.g. {1: {name: seq, min: 1, max: 128}}. "
+                    "Empty (default): every axis but the batch is fixed.")
 
     @field_validator("shape")
     @classmethod
@@ -55,6 +75,17 @@ class InputSpec(StrictModel):
         if any(d <= 0 for d in shape):
             raise ValueError("every dimension must be a positive integer")
         return shape
+
+    @model_validator(mode="after")
+    def _dynamic_axes_fit(self) -> "InputSpec":
+        for axis, spec in self.dynamic.items():
+            if not 1 <= axis < len(self.shape):
+                raise ValueError(f"dynamic axis {axis} of input '{self.name}' is not one of its non-batch axes "
+                                 f"1..{len(self.shape) - 1} (axis 0, the batch, is always dynamic)")
+            if not spec.min <= self.shape[axis] <= spec.max:
+                raise ValueError(f"input '{self.name}': shape[{axis}] = {self.shape[axis]} lies outside its dynamic "
+                                 f"bounds {spec.min}..{spec.max}")
+        return self
 
 
 class ModelSpec(StrictModel):
@@ -83,6 +114,20 @@ class ModelSpec(StrictModel):
             data = dict(data)
             data["inputs"] = [data.pop("input")]
         return data
+
+    @model_validator(mode="after")
+    def _shared_axes_agree(self) -> "ModelSpec":
+        # One symbolic name is one length: its bounds and default size must be the same in every input.
+        seen: dict[str, tuple[int, int, int, str]] = {}
+        for spec in self.inputs:
+            for axis, dyn in spec.dynamic.items():
+                mine = (dyn.min, dyn.max, spec.shape[axis], spec.name)
+                other = seen.setdefault(dyn.name, mine)
+                if other[:3] != mine[:3]:
+                    raise ValueError(f"dynamic axis '{dyn.name}' has bounds {other[0]}..{other[1]} (size {other[2]}) "
+                                     f"in input '{other[3]}' but {mine[0]}..{mine[1]} (size {mine[2]}) in "
+                                     f"'{spec.name}'; a shared name must have the same bounds and size")
+        return self
 
     @field_validator("factory")
     @classmethod
