@@ -82,6 +82,8 @@ class SampleCounter:
         self.handle = module.register_forward_pre_hook(self)
 
     def __call__(self, module, inputs) -> None:
+        if not isinstance(inputs[0], torch.Tensor):  # torch.fx tracing the model (cache_frozen_prefix)
+            return
         self.calls += 1
         self.samples += int(inputs[0].shape[0])
 
@@ -239,16 +241,20 @@ FRUGAL = {"teacher": "@baseline", "train_samples": 512, "batch_size": BATCH, "ev
           "cache_teacher": True, "train_only": [r"^layer3\.", r"^fc\."]}
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_the_pass_records_cache_trained_parameters_and_budget(pass_context, processes: int) -> None:
-    """In one process and under DDP (two processes, gloo): frozen weights stay, and the details say so."""
+@pytest.mark.parametrize("processes, prefix", [(1, False), (2, False), (1, True), (2, True)])
+def test_the_pass_records_cache_trained_parameters_and_budget(pass_context, processes: int, prefix: bool) -> None:
+    """In one process and under DDP (two processes, gloo), with and without the frozen front cached: frozen
+    weights stay, and the details say so."""
     from tests.test_distill import run_pass
 
     make, damaged = pass_context
     ctx = make()
     result = run_pass("distill.kd", {**FRUGAL, "steps": 30, "eval_every": 15, "max_minutes": 1e-7,
-                                     "processes": processes}, ctx, damaged)
+                                     "processes": processes, "cache_frozen_prefix": prefix}, ctx, damaged)
     training = ctx.details["training"]
+    assert (training["prefix_cache_seconds"] is not None) == prefix
+    if prefix:
+        assert training["prefix_cache_seconds"] > 0 and training["prefix_bytes_per_sample"] > 0
     assert training["world_size"] == processes
     assert training["teacher_cache_seconds"] > 0
     assert 0 < training["trained_parameters"] < training["total_parameters"]
@@ -292,3 +298,73 @@ def test_the_teacher_cache_is_sharded_and_gathered_in_sample_order(arrays, teach
         expected = teacher.eval()(torch.from_numpy(images))
     assert gathered.shape == (101, 10)
     assert torch.allclose(gathered, expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- cache_frozen_prefix
+
+
+def test_cache_frozen_prefix_trains_the_same_weights_and_runs_the_front_once(arrays, teacher) -> None:
+    """layer3 and fc train; with the cache the stem and layers 1-2 see each sample once (training and
+    selection sets, plus two probe batches of two), without it every step and every evaluation runs them;
+    the trained weights and the selection history are the same. (The stem conv is counted: a leaf module,
+    which the traced front calls as a module.)"""
+    settings = {"steps": 12, "eval_every": 6, "lr": 3e-3, "train_only": [r"^layer3\.", r"^fc\."]}
+    trained, seen, results = {}, {}, {}
+    for cache in (False, True):
+        model = copy.deepcopy(teacher).requires_grad_(True)
+        counter = SampleCounter(model.stem[0])
+        try:
+            results[cache] = run(model, arrays, teacher, cache=True, cache_frozen_prefix=cache, **settings)
+        finally:
+            counter.handle.remove()
+        trained[cache], seen[cache] = state(model), counter.samples
+    train_samples, selection_samples = len(arrays[0]), len(arrays[1])
+    assert seen[True] == train_samples + selection_samples + 4
+    assert seen[False] >= 12 * BATCH + 3 * selection_samples
+    cached, uncached = results[True], results[False]
+    assert cached.prefix_cache_seconds is not None and cached.prefix_cache_seconds > 0
+    assert cached.prefix_bytes_per_sample > 0 and uncached.prefix_cache_seconds is None
+    for name, tensor in trained[False].items():
+        assert torch.allclose(trained[True][name].float(), tensor.float(), rtol=1e-4, atol=1e-5), name
+    assert [h["eval_acc"] for h in cached.history] == pytest.approx([h["eval_acc"] for h in uncached.history])
+    assert cached.best_step == uncached.best_step
+
+
+class _BatchSizeReshape(torch.nn.Module):
+    """The trained head's output is reshaped with the batch size read in the front (an int, not a tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = torch.nn.Conv2d(1, 4, 3, stride=4)
+        self.head = torch.nn.Linear(4 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.head(self.front(x).flatten(1)).reshape(x.shape[0], 10)
+
+
+class _TrainingBranch(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.front = torch.nn.Conv2d(1, 4, 3, stride=4)
+        self.head = torch.nn.Linear(4 * 7 * 7, 10)
+
+    def forward(self, x):
+        h = self.front(x).flatten(1)
+        if self.training:
+            h = h * 0.5
+        return self.head(h)
+
+
+@pytest.mark.parametrize("model, reason", [(_BatchSizeReshape, "not one row per sample"),
+                                           (_TrainingBranch, "another path in training")])
+def test_cache_frozen_prefix_refuses_a_model_it_cannot_split_in_one_line(arrays, model, reason) -> None:
+    with pytest.raises(RecipeError) as caught:
+        run(model(), arrays, steps=2, train_only=[r"^head\."], cache_frozen_prefix=True)
+    message = str(caught.value)
+    assert reason in message and "cache_frozen_prefix" in message and "\n" not in message
+
+
+def test_cache_frozen_prefix_needs_train_only() -> None:
+    with pytest.raises(ValidationError) as caught:
+        TrainingConfig(cache_frozen_prefix=True)
+    assert "train_only" in next(e["msg"] for e in caught.value.errors())

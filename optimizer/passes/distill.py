@@ -24,9 +24,11 @@ so biases the reported accuracy slightly upwards (more so with small eval sets a
 Frugal recovery (see :mod:`optimizer.training` for the details): ``cache_teacher`` runs the teacher once
 over the training samples instead of once per step, ``train_only`` trains only the parameters whose names
 match its regular expressions (frozen BatchNorm layers keep their running statistics), and ``max_minutes``
-bounds the wall-clock time of the training steps, keeping the best state seen. All three work with
+bounds the wall-clock time of the training steps, keeping the best state seen; ``cache_frozen_prefix`` (with
+``train_only``) runs the frozen front of the student once and trains the rest on its outputs. All four work with
 ``processes: N > 1`` as well. ``training`` in the stage's details records the cache's seconds
-(``teacher_cache_seconds``), ``trained_parameters`` of ``total_parameters``, and whether the budget stopped
+(``teacher_cache_seconds``) and of the front's (``prefix_cache_seconds``), ``trained_parameters`` of
+``total_parameters``, and whether the budget stopped
 training (``budget_stopped``, ``budget_stop_step``).
 
 ``processes: N > 1`` runs the loop under DistributedDataParallel in N processes started with
