@@ -2,7 +2,7 @@
 
     python benchmarks/latency_prune.py [--speedup 1.6] [--trials 3] [--threads 1] [--out runs/bench_latency_prune]
                                        [--variants nncf-ov,latency,...] [--recipe-eval 1000] [--test-images 10000]
-                                       [--cache DIR]
+                                       [--cache DIR] [--run NAME=DIR ...]
 
 Every variant is built by ``run_recipe`` from ``recipes/mobilenet_latency_prune_openvino.yaml`` with its stages
 replaced (a shared stage cache builds the baseline and the common prefixes once), and every final artifact is
@@ -16,6 +16,11 @@ an OpenVINO INT8 model:
                    budget): the recipe
   uniform+rec+kd   the same latency target met by one kept fraction in every block (latency.solver: uniform),
                    with the recipe's recovery: MAC-uniform pruning at the same measured latency
+
+``--run NAME=DIR`` adds the final artifact of a finished ``optimizer run`` or ``optimizer search`` (``DIR/final``)
+as one more row, built by the real command rather than here: the recipe as shipped, timed end to end, or a
+search's chosen artifact. Its MAC ratio and stage times come from ``DIR/report.json`` (for a search, the chosen
+trial's report, which the published manifest names) when there is one.
 
 Then, for every final artifact:
 * top-1 on all ``--test-images`` Fashion-MNIST test images (streamed through the recipe's preprocessing in
@@ -117,6 +122,25 @@ def score_on_test_images(artifact: Any, count: int, threads: int) -> dict[str, A
     return result
 
 
+def finished_run(folder: Path) -> dict[str, Any]:
+    """A row's inputs from an ``optimizer run`` / ``optimizer search`` output folder: its published artifact,
+    and the pruning details and stage times of the run that built it (the chosen trial's, for a search)."""
+    from optimizer import Artifact
+
+    artifact = Artifact.load(folder / "final")
+    report_file = folder / "report.json"
+    manifest = json.loads((folder / "final" / "manifest.json").read_text())
+    trial = (manifest.get("search") or {}).get("trial_folder")
+    if not report_file.is_file() and trial:
+        report_file = folder / trial / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {"stages": []}
+    prune = next((s for s in report["stages"] if s["name"].startswith("prune")), None)
+    return {"artifact": artifact, "report": report_file if report_file.is_file() else None,
+            "macs": None, "pruning": ((prune or {}).get("details") or {}).get("pruning", {}),
+            "seconds": float(report.get("duration_s") or 0),
+            "stage_seconds": {s["name"]: round(float(s.get("seconds") or 0), 1) for s in report["stages"]}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--speedup", type=float, default=None, help="prune target (default: the recipe's)")
@@ -131,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-threads", type=int, default=2, help="threads for the 10,000-image scoring")
     parser.add_argument("--cache", type=Path, default=None,
                         help="stage cache folder to share with earlier runs (default: OUT/stage-cache)")
+    parser.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
+                        help="add the final artifact of a finished optimizer run/search output folder DIR")
     args = parser.parse_args(argv)
 
     from optimizer import Artifact, run_recipe
@@ -179,8 +205,16 @@ def main(argv: list[str] | None = None) -> int:
               f"({sum(1 for s in report.stages if s.get('cached'))} of {len(report.stages)} stages from the cache)",
               flush=True)
 
+    for item in args.run:
+        name, _, folder = item.partition("=")
+        if not name or not folder or name in built:
+            parser.error(f"--run {item!r}: give NAME=DIR with a NAME not used by another variant")
+        built[name] = finished_run(Path(folder))
+        names.append(name)
+        print(f"  took {name} from {folder} ({built[name]['seconds']:.0f} s when it ran)", flush=True)
+
     # Accuracy on the full test split: the unpruned FP32 model first (its ONNX export), then every final artifact.
-    reference = built[names[0]]["export"]
+    reference = built[next(n for n in names if "export" in built[n])]["export"]
     print(f"scoring the FP32 baseline and {len(names)} variants on {args.test_images} test images", flush=True)
     baseline = score_on_test_images(reference, args.test_images, args.score_threads)
     scores = {name: score_on_test_images(built[name]["artifact"], args.test_images, args.score_threads)

@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run trials as Ray tasks: 'local' starts a Ray on this machine, else the address of a "
                              "running cluster ('auto', ray://HOST:10001); needs optimizer[ray]")
     search.add_argument("--resume", action="store_true", help="continue the search in --out")
+    search.add_argument("--cache", type=Path, metavar="DIR",
+                        help="stage cache the trials share, shareable with optimizer run --cache (default: OUT/.cache)")
     search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override a recipe value, e.g. --set budget.latency_p50_ms=0.1 (repeatable)")
     search.add_argument("--quiet", action="store_true", help="print only the result")
@@ -154,7 +156,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
             print(message, flush=True)
 
     result = run_search(args.recipe, out=args.out, trials=args.trials, timeout_min=args.timeout,
-                        workers=args.workers, ray=args.ray, resume=args.resume, overrides=args.overrides, log=log)
+                        workers=args.workers, ray=args.ray, resume=args.resume, overrides=args.overrides, log=log,
+                        cache=args.cache)
     chosen = result.report["chosen"]
     print(f"chosen: trial {chosen['trial']} ({chosen['label']}): accuracy {chosen['accuracy']:.4f}, "
           f"p50 {chosen['p50_ms']:.4f} ms")

@@ -177,6 +177,7 @@ def test_search_runs_trials_through_the_runner_and_publishes_the_choice(local_se
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     assert manifest["search"]["trial"] == chosen["trial"]
     assert manifest["search"]["params"] == chosen["params"]
+    assert (out / manifest["search"]["trial_folder"] / "report.json").is_file()
     assert manifest["search"]["objective"] == "accuracy"
     assert (out / "final" / manifest["entry"]).is_file()
     html = (out / "search.html").read_text()
@@ -413,3 +414,21 @@ def test_disk_full_mid_search_exits_5_and_resume_finishes_it(example_checkpoint,
     for number, completed in finished.items():
         assert trials[number].datetime_complete == completed  # not run again
     assert (out / "final" / "manifest.json").is_file()
+
+
+def test_a_search_sharing_a_runs_stage_cache_reuses_its_stages(example_checkpoint, tmp_path):
+    """`optimizer run --cache C` of the recipe as written, then `optimizer search --cache C` screened on the
+    recipe's own eval set: the first trial (the recipe as written) takes every stage from the run's entries,
+    and the search keeps no cache of its own in its folder."""
+    recipe = search_recipe(example_checkpoint, trials=1)
+    recipe["search"]["screening"] = {"eval_samples": None, "latency": "full"}  # the run's own measurements
+    path = write_recipe(tmp_path, recipe)
+    cache = tmp_path / "shared-cache"
+    assert main(["run", str(path), "--out", str(tmp_path / "run"), "--cache", str(cache), "--quiet"]) == 0
+    out = tmp_path / "search"
+    assert _run(path, out, "--cache", str(cache)) == 0
+    trial = json.loads((out / "search.json").read_text())["trials"][0]
+    assert trial["stages_cached"] == 3  # baseline, export, int8
+    assert not (out / ".cache").exists()
+    manifest = json.loads((out / "final" / "manifest.json").read_text())
+    assert (out / manifest["search"]["trial_folder"] / "report.json").is_file()

@@ -4,7 +4,8 @@ screening's Pareto set in full, choose, publish, and write the search report.
 Layout of the search folder ``OUT``::
 
     study.journal          the Optuna study (append-only; --resume continues it)
-    .cache/                the stage cache every trial shares (a prefix two trials share is made once)
+    .cache/                the stage cache every trial shares (a prefix two trials share is made once;
+                           --cache DIR puts it elsewhere, e.g. beside optimizer run --cache DIR)
     trials/NNNN/           each screening trial's own run folder (report.json, artifacts/, ...)
     full/NNNN/             the full re-measure of the Pareto trials
     final/                 the chosen trial's artifact, its manifest naming the trial, parameters and search
@@ -48,12 +49,15 @@ def run_search(
     resume: bool = False,
     overrides: list[str] | None = None,
     log: Log | None = None,
+    cache: str | Path | None = None,
 ) -> SearchResult:
     """Run (or with ``resume`` continue) the search of a recipe into ``out``; returns the search report.
 
     Raises RecipeError (exit 2) for a bad recipe, search space or option before any work, GateFailed (exit 4)
     when no trial meets the budgets (after writing the report, which lists the closest), Interrupted (130) on
-    Ctrl-C (the journal keeps every finished trial; --resume continues)."""
+    Ctrl-C (the journal keeps every finished trial; --resume continues). ``cache`` is the stage cache the trials
+    share (default ``out/.cache``); a folder shared with ``optimizer run --cache`` lets trials reuse the stages of
+    runs of the same chain."""
     from optimizer.output_folder import OutputLock, recover
     from optimizer.preflight import make_output_folder
     from optimizer.errors import disk_full, is_disk_full
@@ -93,7 +97,8 @@ def run_search(
     executor = make_executor(ray, workers, out_dir / ".work")
     try:
         make_output_folder(out_dir)
-        search = _Search(out_dir, space, loaded, objective, limits, higher, log)
+        cache_dir = Path(cache).expanduser().resolve() if cache is not None else out_dir / CACHE_NAME
+        search = _Search(out_dir, space, loaded, objective, limits, higher, log, cache_dir)
         search.executor_description = executor.description
         with OutputLock(out_dir, notify=log):
             recover(out_dir, notify=log)
@@ -146,8 +151,10 @@ def _trial_loaded(raw: dict[str, Any], source: Path | None):
 class _Search:
     """State of one search run: the study, its outcomes, the full re-measures and the choice."""
 
-    def __init__(self, out: Path, space, loaded, objective: str, limits: dict[str, float], higher: bool, log: Log):
+    def __init__(self, out: Path, space, loaded, objective: str, limits: dict[str, float], higher: bool, log: Log,
+                 cache_dir: Path):
         self.out = out
+        self.cache_dir = cache_dir
         self.space = space
         self.loaded = loaded
         self.objective = objective
@@ -173,7 +180,7 @@ class _Search:
         folder = "trials" if phase == "screening" else "full"
         return {"number": number, "phase": phase, "params": params, "recipe": recipe,
                 "source": str(self.loaded.source) if self.loaded.source else None,
-                "out": str(self.out / folder / f"{number:04d}"), "cache": str(self.out / CACHE_NAME)}
+                "out": str(self.out / folder / f"{number:04d}"), "cache": str(self.cache_dir)}
 
     def _screening_is_full(self) -> bool:
         screening = self.loaded.recipe.search.screening
@@ -362,6 +369,8 @@ class _Search:
 
         extra = {"search": {
             "trial": chosen["number"],
+            # Where the trial's own run (its report.json, every stage) lies, relative to the search folder.
+            "trial_folder": Path(chosen["out"]).resolve().relative_to(self.out.resolve()).as_posix(),
             "params": self._params_of(chosen["number"]),
             "label": self.space.describe(self._params_of(chosen["number"])),
             "objective": self.objective,
