@@ -344,6 +344,13 @@ class LatencySpec(StrictModel):
         default_factory=list,
         description="Batch-size sweep, e.g. [1, 8, 32]: latency and throughput per batch size (empty: no sweep).",
     )
+    inputs: Literal["fixed", "eval"] = Field(
+        default="fixed",
+        description="What the single-stream latency is timed on. 'fixed': one batch of eval samples drawn by seed, "
+        "run again and again. 'eval': the eval samples in turn, round-robin in an order drawn by seed, so p50, p90 "
+        "and p99 are over the inputs users send (different lengths, different content) rather than over one of "
+        "them. The report says which was used.",
+    )
     runtime: Literal["native", "deploy", "auto"] = Field(
         default="auto",
         description="Where torch stages are timed. 'native': PyTorch eager. 'deploy': on the runtime of the "

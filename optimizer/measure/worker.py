@@ -11,10 +11,12 @@ JSON next to it. Progress goes to stdout as ``@@progress <phase> <fraction>`` li
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,52 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
     return {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
 
 
+# Distinct batches cycled when a batch of several eval samples is timed (each one a copy): enough to vary the
+# inputs, bounded so a large eval set at a large resolution does not double the process's memory.
+EVAL_POOL_BATCHES = 256
+
+
+def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> tuple[Callable[[], dict], int]:
+    """Real eval samples for timing, round-robin in a seeded order: (next batch, number of distinct samples).
+
+    At batch 1 every eval sample takes its turn, as views into the eval arrays (no copy: the timed call only
+    hands the runtime a different sample). A larger batch cycles through up to ``EVAL_POOL_BATCHES`` batches
+    drawn from the same seeded order.
+    """
+    n = len(next(iter(inputs.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    if batch_size == 1:
+        pool = [{name: array[i : i + 1] for name, array in inputs.items()} for i in order]
+    else:
+        groups = max(1, min(EVAL_POOL_BATCHES, n // batch_size))
+        take = np.resize(order, groups * batch_size).reshape(groups, batch_size)
+        pool = [{name: np.ascontiguousarray(array[index]) for name, array in inputs.items()} for index in take]
+    cycle = itertools.cycle(pool)
+    return (lambda: next(cycle)), min(n, len(pool) * batch_size)
+
+
+def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size: int, seed: int,
+                 on_progress: Callable[[float], None] | None = None) -> tuple[dict, np.ndarray]:
+    """Single-stream latency under the recipe's plan, on one fixed batch or (``inputs: eval``) on the eval
+    samples in turn, so the percentiles are over the inputs users send rather than over one of them."""
+    from optimizer.measure.latency import TimingPlan, time_trials
+
+    plan = TimingPlan.from_spec(spec)
+    if spec.get("inputs", "fixed") == "eval":
+        feed, distinct = eval_feed(inputs, batch_size, seed)
+        latency, raw_ms = time_trials(lambda: runtime.run(feed()), plan, int(spec.get("trials", 1)), on_progress)
+        latency.update({"inputs": "eval", "input_samples": distinct})
+    else:
+        batch = _fixed_batch(inputs, batch_size, seed)
+        latency, raw_ms = time_trials(lambda: runtime.run(batch), plan, int(spec.get("trials", 1)), on_progress)
+        latency["inputs"] = "fixed"
+    latency["batch_size"] = batch_size
+    return latency, raw_ms
+
+
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
-    from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations, time_trials
+    from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations
     from optimizer.measure.timing_lock import timing_lock
     from optimizer.runtimes.base import open_runtime
 
@@ -70,9 +115,8 @@ def measure(request: dict) -> dict:
     with timing_lock():
         spec = request["latency"]
         plan = TimingPlan.from_spec(spec)
-        latency, raw_ms = time_trials(lambda: runtime.run(first_batch), plan, int(spec.get("trials", 1)),
-                                      lambda f: _progress("latency", f))
-        latency["batch_size"] = latency_batch
+        latency, raw_ms = time_latency(runtime, inputs, spec, latency_batch, request["seed"],
+                                       lambda f: _progress("latency", f))
         latency["runtime"] = runtime.name  # the report says per stage where its latency was timed
         np.save(request["raw_times_npy"], raw_ms)
         _progress("latency", 1.0)

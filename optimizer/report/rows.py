@@ -229,6 +229,23 @@ def timing_note(stages: list[dict[str, Any]]) -> str:
     return text
 
 
+def inputs_note(stages: list[dict[str, Any]]) -> str:
+    """What the single-stream latency was timed on (``evaluate.latency.inputs``); reports from before the setting
+    timed one fixed batch."""
+    timed = [s for s in stages if s.get("latency")]
+    kinds = {(s["latency"].get("inputs") or "fixed") for s in timed}
+    if kinds == {"eval"}:
+        counts = sorted({int(s["latency"].get("input_samples") or 0) for s in timed})
+        many = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
+        return (f"Latency inputs: real eval samples ({many} distinct), each stage fed them in turn, round-robin in a "
+                "seeded order (evaluate.latency.inputs: eval): p50, p90 and p99 are over the inputs users send.")
+    if kinds == {"fixed"}:
+        return ("Latency inputs: one fixed batch of eval samples drawn by seed, run again and again "
+                "(evaluate.latency.inputs: fixed).")
+    each = ", ".join(f"{s['name']} {s['latency'].get('inputs') or 'fixed'}" for s in timed)
+    return f"Latency inputs differ between stages (evaluate.latency.inputs): {each}."
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     out = []
     stages = report["stages"]
@@ -251,6 +268,7 @@ def notes(report: dict[str, Any]) -> list[str]:
             "or one side is unstable."
         )
         out.append(timing_note(stages))
+        out.append(inputs_note(stages))
         if "p99_ci95_ms" in lat:
             trials = (base.get("throughput") or {}).get("trials")
             out.append(
