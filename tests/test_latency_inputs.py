@@ -98,3 +98,120 @@ def test_eval_inputs_at_a_larger_batch_cycle_batches_of_eval_samples(eager_runti
     distinct = sorted(set(batches))
     assert len(distinct) == len(images) // 4  # 9 batches of 4 from 37 samples, cycled
     assert len({i for b in distinct for i in b}) == 36 and latency["input_samples"] == 36
+
+
+# ------------------------------------------------------------------------------------ input-size sweep
+
+
+def _sweep_recipe(checkpoint: Path, **latency) -> dict:
+    recipe = quickstart_dict(checkpoint, eval_samples=300)
+    recipe["data"]["eval"]["resize"] = 28
+    recipe["data"]["calibration"].update(samples=128, resize=28)
+    recipe["evaluate"]["latency"].update(QUICK, **latency)
+    return recipe
+
+
+def test_a_size_a_static_artifact_cannot_take_fails_validation_with_exit_2(example_checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    from optimizer import run_recipe
+    from optimizer.errors import RecipeError
+
+    # export.onnx then NNCF: a static 28×28 ONNX model, which the torch baseline is timed through too (runtime auto).
+    recipe = _sweep_recipe(example_checkpoint, shapes=[20, 28])
+    with pytest.raises(RecipeError) as caught:
+        run_recipe(recipe, out=tmp_path / "out")
+    message = str(caught.value)
+    assert caught.value.exit_code == 2 and "\n" not in message
+    assert message.startswith("evaluate.latency.shapes: stage 'baseline' is timed through a throwaway export on "
+                              "onnxruntime")
+    assert "static input shape [1, 1, 28, 28], which cannot take size 20; declare axes 2 and 3" in message
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+    recipe["evaluate"]["latency"]["runtime"] = "native"
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shapes: stage 'export' produces a onnx artifact with "
+                                          r"the static input shape \[1, 1, 28, 28\], which cannot take size 20"):
+        run_recipe(recipe, out=tmp_path / "out")
+    # Declared dynamic axes lift the refusal; a size outside their bounds is refused in its turn.
+    recipe["model"]["input"]["dynamic"] = {2: {"name": "h", "min": 20, "max": 32}, 3: {"name": "w", "min": 20, "max": 32}}
+    from optimizer.recipe import load_recipe
+    from optimizer.validate import validate_recipe
+
+    checks = {c.what: c.detail for c in validate_recipe(load_recipe(recipe))}
+    assert "declared dynamic" in checks["shape sweep"]
+    recipe["evaluate"]["latency"]["shapes"] = [20, 40]
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shapes\.1: 40 lies outside the declared dynamic "
+                                          r"bounds 20\.\.32") as caught:
+        validate_recipe(load_recipe(recipe))
+    assert caught.value.exit_code == 2
+
+
+def test_a_model_without_an_axis_to_sweep_fails_validation(example_checkpoint: Path) -> None:
+    from optimizer.errors import RecipeError
+    from optimizer.measure.shape_sweep import check_shapes
+    from optimizer.recipe import Recipe
+
+    recipe = _sweep_recipe(example_checkpoint, shapes=[16, 32])
+    recipe["model"]["input"] = {"name": "input_ids", "shape": [1, 64], "dtype": "int64"}
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shapes: the model declares no dynamic axis"):
+        check_shapes(Recipe.model_validate(recipe), [("baseline", "torch")], None)
+    recipe["model"]["input"]["dynamic"] = {1: {"name": "seq", "min": 8, "max": 128}}
+    line = check_shapes(Recipe.model_validate(recipe), [("baseline", "torch"), ("export", "onnx")], None)
+    assert "input_ids axes 1 (declared dynamic)" in line
+
+
+def test_sequence_inputs_are_cut_or_padded_to_each_size() -> None:
+    from optimizer.measure.shape_sweep import SweptAxes, fit_arrays
+
+    ids = np.arange(1, 13, dtype=np.int64).reshape(2, 6)
+    axes = SweptAxes({"input_ids": (1,), "attention_mask": (1,)}, True, 1, 128)
+    short = fit_arrays({"input_ids": ids, "attention_mask": np.ones_like(ids)}, axes, 4)
+    assert short["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 9, 10]] and short["attention_mask"].shape == (2, 4)
+    long = fit_arrays({"input_ids": ids, "attention_mask": np.ones_like(ids)}, axes, 8)
+    assert long["input_ids"][:, 6:].tolist() == [[0, 0], [0, 0]] and long["attention_mask"][:, 6:].sum() == 0
+    assert long["input_ids"].flags.c_contiguous and long["input_ids"].dtype == np.int64
+
+
+def test_batchnorm_statistics_are_re_estimated_for_a_size_then_put_back(eager_runtime) -> None:
+    from optimizer.data.datasets import load_fashion_mnist_split
+    from optimizer.measure.worker import _batchnorm_at
+    from optimizer.passes.recover import batchnorm_layers
+    from optimizer.recipe import FashionMnistData
+
+    spec = FashionMnistData(dataset="fashion-mnist", split="train", samples=96, resize=40, mean=[0.2860], std=[0.3530])
+    images, _ = load_fashion_mnist_split(spec, Path("."), 0, where="data.calibration")
+    (name, layer), *_ = batchnorm_layers(eager_runtime.module)
+    trained = layer.running_mean.clone()
+    with _batchnorm_at(eager_runtime, {"images": images}) as done:
+        assert done == "re-estimated on 96 data.calibration samples"
+        assert not np.allclose(layer.running_mean.numpy(), trained.numpy())
+        assert eager_runtime.run({"images": images[:2]}).shape == (2, 10)
+    assert np.array_equal(layer.running_mean.numpy(), trained.numpy())
+    with _batchnorm_at(eager_runtime, {}) as done:
+        assert done is None
+
+
+def test_shape_sweep_run_reports_latency_and_accuracy_per_size_in_every_format(example_checkpoint: Path,
+                                                                                tmp_path: Path) -> None:
+    """A torch chain (BatchNorm re-estimation as the stage) swept over three resolutions of real Fashion-MNIST,
+    with latency on the eval samples in turn: JSON, Markdown and HTML all carry both."""
+    from optimizer import run_recipe
+
+    recipe = _sweep_recipe(example_checkpoint, shapes=[20, 28, 40], shape_batchnorm=True, inputs="eval",
+                           runtime="native")
+    recipe["stages"] = [{"name": "bn", "pass": "recover.batchnorm", "with": {"batches": 4}}]
+    report = run_recipe(recipe, out=tmp_path / "out")
+    for stage in report.data["stages"]:
+        assert stage["latency"]["inputs"] == "eval" and stage["latency"]["input_samples"] == 300
+        points = stage["shape_sweep"]
+        assert [p["size"] for p in points] == [20, 28, 40]
+        assert [p["shape"]["images"] for p in points] == [[1, 1, s, s] for s in (20, 28, 40)]
+        for p in points:
+            assert "error" not in p and p["p50_ms"] > 0 and p["p50_ci95_ms"][0] <= p["p50_ms"] <= p["p50_ci95_ms"][1]
+            assert p["accuracy"]["n"] == 300 and 0 < p["accuracy"]["value"] <= 1 and p["inputs"] == "eval"
+            assert p["batchnorm"] == "re-estimated on 128 data.calibration samples"
+        # The model was trained at 28×28: that is where it is most accurate.
+        assert points[1]["accuracy"]["value"] > max(points[0]["accuracy"]["value"], points[2]["accuracy"]["value"])
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "## Latency against input size" in markdown and "| stage | size 20 | size 28 | size 40 |" in markdown
+    assert "real eval samples (300 distinct)" in markdown
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Latency against input size</h2>" in page and 'aria-label="Latency against input size' in page
