@@ -208,14 +208,16 @@ def write_points(loaded: "LoadedRecipe", data: "DataProvider", folder: Path) -> 
 
 
 def merge_points(scored: list[dict[str, Any]] | None, timed: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """A stage measured by two processes (accuracy on the torch model, timing on its throwaway export): each
-    size's accuracy from the first, its latency from the second."""
+    """Each size's accuracy from ``scored`` and its latency from ``timed``: the two halves of one process's sweep
+    (scored before the timing lock, timed under it), or of a stage measured by two processes (accuracy on the
+    torch model, timing on its throwaway export)."""
     by_size = {p["size"]: dict(p) for p in scored or []}
     for point in timed or []:
         merged = by_size.setdefault(point["size"], {})
         for key, value in point.items():
             if key == "error" and merged.get("error"):
-                merged["error"] = f"{merged['error']}; {value}"
+                if value != merged["error"]:
+                    merged["error"] = f"{merged['error']}; {value}"
             elif key not in ("accuracy", "batchnorm") or key not in merged:
                 merged[key] = value
     return [by_size[size] for size in sorted(by_size)]

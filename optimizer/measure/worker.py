@@ -81,6 +81,7 @@ def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size:
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
     from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations
+    from optimizer.measure.shape_sweep import merge_points
     from optimizer.measure.timing_lock import timing_lock
     from optimizer.runtimes.base import open_runtime
 
@@ -114,6 +115,10 @@ def measure(request: dict) -> dict:
         return {"accuracy": accuracy, "non_finite_outputs": non_finite, "accuracy_test": accuracy_test,
                 "runtime": settings, "shape_sweep": shape_sweep}
 
+    # The input-size sweep's scoring (and BatchNorm re-estimation) needs no quiet machine: done before the lock.
+    scored_sizes = _shape_sweep(runtime, request, latency_batch, fixed, score=True, timed=False) \
+        if parts != "timing" else []
+
     # Timing waits for the machine's timing lock when a search runs several trials at once (timing_lock.py).
     with timing_lock():
         spec = request["latency"]
@@ -146,7 +151,7 @@ def measure(request: dict) -> dict:
             })
             _progress("sweep", len(sweep) / len(spec["batch_sizes"]))
 
-        shape_sweep = _shape_sweep(runtime, request, latency_batch, fixed, score=parts != "timing", timed=True)
+        timed_sizes = _shape_sweep(runtime, request, latency_batch, fixed, score=False, timed=True)
 
         profile = None
         if request.get("profile"):
@@ -164,7 +169,7 @@ def measure(request: dict) -> dict:
         "runtime": runtime.settings(),
         "accuracy_test": accuracy_test,
         "latency_sweep": sweep,
-        "shape_sweep": shape_sweep,
+        "shape_sweep": merge_points(scored_sizes, timed_sizes) if request.get("shape_sweep") else [],
         "profile": profile,
     }
     runtime.close()
