@@ -156,6 +156,13 @@ def test_a_model_without_an_axis_to_sweep_fails_validation(example_checkpoint: P
     recipe["model"]["input"]["dynamic"] = {1: {"name": "seq", "min": 8, "max": 128}}
     line = check_shapes(Recipe.model_validate(recipe), [("baseline", "torch"), ("export", "onnx")], None)
     assert "input_ids axes 1 (declared dynamic)" in line
+    # BatchNorm re-estimation needs data the toolkit loads at each size, and an accuracy to change.
+    recipe["evaluate"]["latency"]["shape_batchnorm"] = True
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shape_batchnorm: needs eval and calibration data"):
+        check_shapes(Recipe.model_validate(recipe), [("baseline", "torch")], None)
+    recipe["evaluate"]["latency"]["shape_accuracy"] = False
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shape_batchnorm: the statistics only change "):
+        check_shapes(Recipe.model_validate(recipe), [("baseline", "torch")], None)
 
 
 def test_sequence_inputs_are_cut_or_padded_to_each_size() -> None:
@@ -215,3 +222,21 @@ def test_shape_sweep_run_reports_latency_and_accuracy_per_size_in_every_format(e
     assert "real eval samples (300 distinct)" in markdown
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<h2>Latency against input size</h2>" in page and 'aria-label="Latency against input size' in page
+
+
+def test_a_stage_measured_by_two_processes_gets_accuracy_from_one_and_latency_from_the_other() -> None:
+    from optimizer.measure.shape_sweep import merge_points
+
+    scored = [{"size": 28, "shape": {"images": [1, 1, 28, 28]}, "accuracy": {"value": 0.9, "n": 10},
+               "batchnorm": "re-estimated on 64 data.calibration samples"},
+              {"size": 20, "shape": {"images": [1, 1, 20, 20]}, "accuracy": {"value": 0.8, "n": 10}}]
+    timed = [{"size": 20, "shape": {"images": [1, 1, 20, 20]}, "p50_ms": 0.5, "accuracy": None},
+             {"size": 28, "shape": {"images": [1, 1, 28, 28]}, "error": "refused"}]
+    merged = merge_points(scored, timed)
+    assert [p["size"] for p in merged] == [20, 28]
+    assert merged[0]["accuracy"]["value"] == 0.8 and merged[0]["p50_ms"] == 0.5
+    assert merged[1]["accuracy"]["value"] == 0.9 and merged[1]["error"] == "refused"
+    assert merged[1]["batchnorm"].startswith("re-estimated")
+    # The same refusal from both halves is said once.
+    twice = merge_points([{"size": 20, "error": "refused"}], [{"size": 20, "error": "refused"}])
+    assert twice == [{"size": 20, "error": "refused"}]

@@ -92,6 +92,9 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
                     f"3: {{name: width, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}}}) or sweep on "
                     "torch stages only (evaluate.latency.runtime: native)")
     if latency.shape_batchnorm:
+        if not latency.shape_accuracy:
+            raise RecipeError("evaluate.latency.shape_batchnorm: the statistics only change accuracy, which "
+                              "shape_accuracy: false leaves unmeasured; drop one of the two")
         if recipe.data.calibration is None:
             raise RecipeError("evaluate.latency.shape_batchnorm: re-estimating BatchNorm statistics at each size "
                               "needs data.calibration; add it")
