@@ -240,3 +240,16 @@ def test_a_stage_measured_by_two_processes_gets_accuracy_from_one_and_latency_fr
     # The same refusal from both halves is said once.
     twice = merge_points([{"size": 20, "error": "refused"}], [{"size": 20, "error": "refused"}])
     assert twice == [{"size": 20, "error": "refused"}]
+
+
+def test_a_torch_chain_timed_through_a_throwaway_export_is_told_how_to_sweep(example_checkpoint: Path) -> None:
+    from optimizer.errors import RecipeError
+    from optimizer.measure.shape_sweep import check_shapes
+    from optimizer.recipe import Recipe
+
+    recipe = Recipe.model_validate(_sweep_recipe(example_checkpoint, shapes=[20, 28]))
+    forms = [("baseline", "torch"), ("bn", "torch")]
+    with pytest.raises(RecipeError, match=r"stage 'baseline' is timed through a throwaway export on onnxruntime .*"
+                                          r"or time the torch stages on PyTorch eager"):
+        check_shapes(recipe, forms, "onnxruntime")
+    assert "image resolution, torch stages only" in check_shapes(recipe, forms, None)

@@ -85,12 +85,14 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
             shape = recipe.model.inputs[0].shape
             other = next((s for s in latency.shapes if s != shape[2] or s != shape[3]), None)
             if other is not None:
+                # Timing torch stages on PyTorch eager is a way out only when no stage leaves torch.
+                eager = (" or time the torch stages on PyTorch eager (evaluate.latency.runtime: native)"
+                         if all(form == "torch" for _, form in forms) else "")
                 raise RecipeError(
                     f"evaluate.latency.shapes: stage '{name}' {what} with the static input shape {shape}, which "
                     f"cannot take size {other}; declare axes 2 and 3 of model.inputs[0] dynamic "
                     f"(dynamic: {{2: {{name: height, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}, "
-                    f"3: {{name: width, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}}}) or sweep on "
-                    "torch stages only (evaluate.latency.runtime: native)")
+                    f"3: {{name: width, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}}}){eager}")
     if latency.shape_batchnorm:
         if not latency.shape_accuracy:
             raise RecipeError("evaluate.latency.shape_batchnorm: the statistics only change accuracy, which "
