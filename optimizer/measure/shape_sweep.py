@@ -100,7 +100,7 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
         if recipe.data.calibration is None:
             raise RecipeError("evaluate.latency.shape_batchnorm: re-estimating BatchNorm statistics at each size "
                               "needs data.calibration; add it")
-        if resizable(recipe) is None:
+        if resizable(recipe, calibration=True) is None:
             raise RecipeError("evaluate.latency.shape_batchnorm: needs eval and calibration data the toolkit can "
                               "load at each size (an image data set with 'resize', sweeping the resolution)")
     how = ("accuracy and latency at each size on the eval data loaded at that size"
@@ -108,16 +108,16 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
     return f"sizes {', '.join(map(str, latency.shapes))} on {axes.describe()}: {how}"
 
 
-def resizable(recipe: "Recipe") -> str | None:
-    """The input whose images the eval data loads at any size (an image data set with ``resize`` sweeping that
-    input's height and width, and calibration data that resizes too), or None."""
+def resizable(recipe: "Recipe", *, calibration: bool = False) -> str | None:
+    """The input whose images the eval data (and, with ``calibration``, the calibration data) loads at any size:
+    an image data set with ``resize``, the sweep setting that input's height and width. None otherwise."""
     axes = swept_axes(recipe.model.inputs)
     if axes is None or len(axes.axes) != 1:
         return None
     (name, swept), = axes.axes.items()
     if swept != (2, 3):
         return None
-    specs = [recipe.data.eval] + ([recipe.data.calibration] if recipe.data.calibration is not None else [])
+    specs = [recipe.data.eval] + ([recipe.data.calibration] if calibration else [])
     if all(getattr(s, "dataset", None) in IMAGE_KINDS and getattr(s, "resize", None) is not None for s in specs):
         return name
     return None
