@@ -20,7 +20,8 @@ Every generated table sits between two HTML comments, which Markdown renderers h
   ``tests/test_readme_tables.py``) compare with what the current renderer prints: a renamed, added or
   removed column makes them stale even when no run is at hand, because ``runs/`` is not in git.
 * **A benchmark's saved Markdown** (any other ``.md``; ``benchmarks/workloads.py`` writes ``workloads.md``,
-  ``benchmarks/latency_prune.py`` writes ``latency_prune.md``): the first table after the heading that starts
+  ``benchmarks/latency_prune.py`` writes ``latency_prune.md``,
+  ``benchmarks/mobilenet_resolution.py`` ``mobilenet_resolution.md``): the first table after the heading that starts
   with ``section="..."`` (or the file's first table), verbatim. The benchmark's own code prints those columns,
   so there is no separate renderer to compare with.
 

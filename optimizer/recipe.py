@@ -344,6 +344,34 @@ class LatencySpec(StrictModel):
         default_factory=list,
         description="Batch-size sweep, e.g. [1, 8, 32]: latency and throughput per batch size (empty: no sweep).",
     )
+    inputs: Literal["fixed", "eval"] = Field(
+        default="fixed",
+        description="What the single-stream latency is timed on. 'fixed': one batch of eval samples drawn by seed, "
+        "run again and again. 'eval': the eval samples in turn, round-robin in an order drawn by seed, so p50, p90 "
+        "and p99 are over the inputs users send (different lengths, different content) rather than over one of "
+        "them. The report says which was used.",
+    )
+    shapes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=list,
+        description="Input-size sweep, e.g. [96, 128, 160, 224] or [16, 32, 64]: p50 latency (with its interval) of "
+        "every stage at each size, each size given to every axis declared in model.inputs[].dynamic (sequence "
+        "length, image height and width). Without declared axes, a single 4-D image input's height and width, on "
+        "torch stages only (an exported artifact takes other sizes only on declared dynamic axes; a size a stage "
+        "cannot take fails validation). An image data set with 'resize' is loaded again at each size, and accuracy "
+        "is measured there too (see shape_accuracy). Empty (default): no sweep.",
+    )
+    shape_accuracy: bool = Field(
+        default=True,
+        description="With shapes: measure accuracy at each size where the eval data can be loaded at that size (an "
+        "image data set with 'resize'). false: latency only, on a few eval samples fitted to each size.",
+    )
+    shape_batchnorm: bool = Field(
+        default=False,
+        description="With shapes: re-estimate the BatchNorm statistics of torch stages at each size on "
+        "data.calibration loaded at that size (up to 640 samples, as recover.batchnorm does) before measuring "
+        "accuracy there; the stage's artifact is not changed. Exported artifacts have their statistics folded in "
+        "and keep them.",
+    )
     runtime: Literal["native", "deploy", "auto"] = Field(
         default="auto",
         description="Where torch stages are timed. 'native': PyTorch eager. 'deploy': on the runtime of the "

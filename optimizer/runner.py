@@ -144,6 +144,7 @@ class Runner:
         self.cache = StageCache(cache_dir or out_dir / CACHE_DIR_NAME, read=resume, shared=cache_dir is not None,
                                 notify=self._note)
         self._eval_npz: Path | None = None
+        self._shape_points: list[dict[str, Any]] | None = None
         self._baseline_predictions: np.ndarray | None = None
         # Where torch stages are timed: None for PyTorch eager, else the deployment runtime (measure/deploy_timing).
         self._deploy_timing = deploy_timing(self.recipe)
@@ -433,12 +434,23 @@ class Runner:
             self._eval_npz = path
         return self._eval_npz
 
+    def _shape_sweep(self, data: DataProvider, staging: Path) -> list[dict[str, Any]]:
+        """evaluate.latency.shapes: the data at each size, written once for every stage's measurement."""
+        if self._shape_points is None:
+            from optimizer.measure.shape_sweep import write_points
+
+            if self.recipe.evaluate.latency.shapes:
+                self.progress.update("loading the data at each swept size")
+            self._shape_points = write_points(self.loaded, data, staging / ".work" / "shapes")
+        return self._shape_points
+
     def _measure(self, artifact: Artifact, stage: str, data: DataProvider, staging: Path,
                  measurements: Path) -> dict[str, Any]:
         eval_npz = self._eval_arrays(data, staging)
+        shape_points = self._shape_sweep(data, staging)
         timing_artifact, fallback, folder = self._throwaway(artifact, stage, data, staging)
         try:
-            return self._evaluate(artifact, stage, eval_npz, measurements, timing_artifact, fallback)
+            return self._evaluate(artifact, stage, eval_npz, measurements, timing_artifact, fallback, shape_points)
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)  # the throwaway is for timing only, never kept
@@ -469,7 +481,8 @@ class Runner:
         return made, None, folder
 
     def _evaluate(self, artifact: Artifact, stage: str, eval_npz: Path, measurements: Path,
-                  timing_artifact: Artifact | None, fallback: str | None) -> dict[str, Any]:
+                  timing_artifact: Artifact | None, fallback: str | None,
+                  shape_points: list[dict[str, Any]]) -> dict[str, Any]:
         spec = self.recipe.evaluate
         return evaluate_artifact(
             artifact,
@@ -487,6 +500,7 @@ class Runner:
             metric=spec.accuracy.settings(),
             timing_artifact=timing_artifact,
             timing_fallback=fallback,
+            shape_sweep=shape_points,
         )
 
     @staticmethod

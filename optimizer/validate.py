@@ -144,6 +144,9 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
         needs.add("validation")
     checks.append(Check("forms", " -> ".join(chain)))
     checks.append(Check("latency runtime", _latency_runtime(loaded)))
+    sweep = _shape_sweep(loaded, chain)
+    if sweep is not None:
+        checks.append(Check("shape sweep", sweep))
 
     for split in sorted(needs):
         checks.append(Check(f"data.{split}", check_data_reachable(loaded, split)))
@@ -171,6 +174,17 @@ def validate_path(path: str | Path, overrides: list[str] | None = None) -> list[
     from optimizer.recipe import load_recipe
 
     return validate_recipe(load_recipe(path, overrides))
+
+
+def _shape_sweep(loaded: LoadedRecipe, chain: list[str]) -> str | None:
+    """evaluate.latency.shapes against the stages: a size a stage's artifact cannot take fails here (exit 2)."""
+    from optimizer.measure.deploy_timing import deploy_timing
+    from optimizer.measure.shape_sweep import check_shapes
+
+    recipe = loaded.recipe
+    timing = deploy_timing(recipe)
+    forms = list(zip(["baseline"] + [stage.name for stage in recipe.stages], chain))
+    return check_shapes(recipe, forms, timing.describe() if timing is not None else None)
 
 
 def _latency_runtime(loaded: LoadedRecipe) -> str:

@@ -104,6 +104,22 @@ def synthetic_report(*, optional: bool, names: tuple[str, str, str, str] = ("bas
                  "samples_per_s": 1000 * b / (p50 * b ** (0.75 - 0.05 * k)), "unstable": b == 64 and k == 1}
                 for b in (1, 4, 16, 64)
             ]
+            # evaluate.latency.shapes: p50 grows with the image's area; accuracy measured on the torch stages
+            # only, and the last size refused by one stage's runtime.
+            stage["shape_sweep"] = [
+                {"size": size, "shape": {"images": [1, 1, size, size]}, "source": f"data.eval loaded at {size}×{size}",
+                 "p50_ms": p50 * (size / 28) ** 2, "p50_ci95_ms": [p50 * (size / 28) ** 2 * 0.97,
+                                                                  p50 * (size / 28) ** 2 * 1.03],
+                 "p90_ms": p50 * (size / 28) ** 2 * 1.2, "iterations": 300, "unstable": size == 40 and k == 2,
+                 "inputs": "eval",
+                 **({"accuracy": {"value": 0.9 - abs(size - 28) * 0.01, "n": 2000, "ci95": [0.88 - abs(size - 28) * 0.01,
+                                                                                              0.92 - abs(size - 28) * 0.01]},
+                     "batchnorm": "re-estimated on 640 data.calibration samples"} if k in (0, 3) else {})}
+                for size in (20, 28, 40)
+            ]
+            if k == 1:
+                stage["shape_sweep"][-1] = {"size": 40, "shape": {"images": [1, 1, 40, 40]}, "source": "resampled",
+                                            "error": "RuntimeException: <shape> [1,1,40,40] out of bounds"}
         for stage in stages[1:3]:
             scale = stage["latency"]["p50_ms"]
             stage["profile"] = {
@@ -224,8 +240,14 @@ def test_html_renders_every_optional_field(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", report)
     page = render_html(report, run_dir=run)
     for heading in ("Accuracy against latency", "What each stage did", "Latency distributions", "Batch-size sweep",
-                    "Where the time goes", "Environment"):
+                    "Latency against input size", "Where the time goes", "Environment"):
         assert f"<h2>{heading}</h2>" in page
+    # The input-size chart: one line per stage, each with its three sizes (the refused size left out).
+    shapes = page[page.index("<h2>Latency against input size</h2>"):page.index("<h2>Where the time goes</h2>")]
+    latency_chart = next(b for b in svg_blocks(shapes) if 'aria-label="Latency against input size' in b)
+    assert latency_chart.count('<path d="M') == 4
+    assert 'aria-label="Accuracy against input size' in shapes and "out of bounds" in shapes
+    assert "&lt;shape&gt;" in shapes and "<shape>" not in shapes                  # the runtime's text is escaped
     assert "drawn from the summary" not in page                           # the raw .npy files were read
     assert "/layer0/conv/Conv" in page and "onnxruntime profiler" in page
     assert 'class="worse" title="McNemar' in page                         # pruned: significant drop, marked
@@ -238,6 +260,11 @@ def test_html_renders_every_optional_field(tmp_path: Path) -> None:
     markdown = render_markdown(report)
     assert "## Batch-size sweep" in markdown and "| int8 | 0.176 ms, 5,682/s |" in markdown.replace("  ", " ")
     assert "## Where the time goes" in markdown and "Conv 62 %" in markdown
+    assert "## Latency against input size" in markdown and "| stage | size 20 | size 28 | size 40 |" in markdown
+    assert ("| baseline | 0.568 ms (0.551–0.585); 82.00 % | 1.114 ms (1.081–1.147); 90.00 % | "
+            "2.273 ms (2.205–2.342); 78.00 % |") in markdown
+    assert "| export | 0.252 ms (0.244–0.259) | 0.493 ms (0.478–0.508) | – (error) |" in markdown
+    assert "re-estimated on 640 data.calibration samples" in markdown and "(error)" in markdown
 
 
 def test_raw_latency_files_outside_the_run_folder_are_not_read(tmp_path: Path) -> None:
@@ -455,6 +482,7 @@ def test_real_report_loads_in_chromium_without_console_errors(quickstart_report:
 def test_synthetic_report_with_every_section_loads_in_chromium(tmp_path: Path) -> None:
     run = write_run(tmp_path / "run", synthetic_report(optional=True))
     rerender(run)
+    assert "<h2>Latency against input size</h2>" in (run / "report.html").read_text()
     png = tmp_path / "full.png"
     messages = _screenshot(run / "report.html", png, height=4000)
     assert messages == [], "console messages:\n" + "\n".join(messages)

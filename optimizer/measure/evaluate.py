@@ -61,6 +61,7 @@ def evaluate_artifact(
     metric: dict[str, Any] | None = None,
     timing_artifact: Artifact | None = None,
     timing_fallback: str | None = None,
+    shape_sweep: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Measure one stage in fresh processes; the result's ``latency`` says which runtime timed it.
 
@@ -95,6 +96,8 @@ def evaluate_artifact(
         "baseline_predictions_npy": None if is_baseline else str(baseline_dir / "predictions.npy"),
         "baseline_outputs_npy": None if is_baseline else str(baseline_dir / "outputs.npy"),
         "profile": profile,
+        # evaluate.latency.shapes: one .npz per size (measure/shape_sweep.write_points).
+        "shape_sweep": shape_sweep or [],
     }
     worker = {"stage": stage, "threads": threads, "import_paths": import_paths, "progress": progress}
     timed_via = "artifact"
@@ -114,7 +117,12 @@ def evaluate_artifact(
             timing_fallback = f"timing the throwaway export failed ({first_line(exc, 200)})"
             timing = _run_worker({**request, "parts": "timing"}, measurements_dir / "timing-request.json", **worker)
         result["accuracy_runtime"] = result["runtime"]
+        scored = result.get("shape_sweep")
         result.update({key: timing.get(key) for key in TIMING_KEYS})
+        if scored or timing.get("shape_sweep"):
+            from optimizer.measure.shape_sweep import merge_points
+
+            result["shape_sweep"] = merge_points(scored, timing.get("shape_sweep"))
     result["latency"]["timed_via"] = timed_via
     if timing_fallback:
         result["latency"]["deploy_fallback"] = timing_fallback

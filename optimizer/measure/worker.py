@@ -11,10 +11,12 @@ JSON next to it. Progress goes to stdout as ``@@progress <phase> <fraction>`` li
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +33,55 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
     return {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
 
 
+# Distinct batches cycled when a batch of several eval samples is timed (each one a copy): enough to vary the
+# inputs, bounded so a large eval set at a large resolution does not double the process's memory.
+EVAL_POOL_BATCHES = 256
+
+
+def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> tuple[Callable[[], dict], int]:
+    """Real eval samples for timing, round-robin in a seeded order: (next batch, number of distinct samples).
+
+    At batch 1 every eval sample takes its turn, as views into the eval arrays (no copy: the timed call only
+    hands the runtime a different sample). A larger batch cycles through up to ``EVAL_POOL_BATCHES`` batches
+    drawn from the same seeded order.
+    """
+    n = len(next(iter(inputs.values())))
+    order = np.random.default_rng(seed).permutation(n)
+    if batch_size == 1:
+        pool = [{name: array[i : i + 1] for name, array in inputs.items()} for i in order]
+    else:
+        groups = max(1, min(EVAL_POOL_BATCHES, n // batch_size))
+        take = np.resize(order, groups * batch_size).reshape(groups, batch_size)
+        pool = [{name: np.ascontiguousarray(array[index]) for name, array in inputs.items()} for index in take]
+    cycle = itertools.cycle(pool)
+    return (lambda: next(cycle)), min(n, len(pool) * batch_size)
+
+
+def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size: int, seed: int,
+                 on_progress: Callable[[float], None] | None = None, *, plan=None,
+                 trials: int | None = None) -> tuple[dict, np.ndarray]:
+    """Single-stream latency under the recipe's plan (or ``plan``), on one fixed batch or (``inputs: eval``) on
+    the eval samples in turn, so the percentiles are over the inputs users send rather than over one of them."""
+    from optimizer.measure.latency import TimingPlan, time_trials
+
+    plan = plan or TimingPlan.from_spec(spec)
+    trials = trials or int(spec.get("trials", 1))
+    if spec.get("inputs", "fixed") == "eval":
+        feed, distinct = eval_feed(inputs, batch_size, seed)
+        latency, raw_ms = time_trials(lambda: runtime.run(feed()), plan, trials, on_progress)
+        latency.update({"inputs": "eval", "input_samples": distinct})
+    else:
+        batch = _fixed_batch(inputs, batch_size, seed)
+        latency, raw_ms = time_trials(lambda: runtime.run(batch), plan, trials, on_progress)
+        latency["inputs"] = "fixed"
+    latency["batch_size"] = batch_size
+    return latency, raw_ms
+
+
 def measure(request: dict) -> dict:
     from optimizer.artifact import Artifact
-    from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations, time_trials
+    from optimizer.measure.latency import TimingPlan, measure_throughput, sweep_plan, time_iterations
+    from optimizer.measure.shape_sweep import merge_points
     from optimizer.measure.timing_lock import timing_lock
     from optimizer.runtimes.base import open_runtime
 
@@ -62,17 +110,21 @@ def measure(request: dict) -> dict:
                                            else _score(runtime, inputs, labels, request, fixed))
     if parts == "accuracy":
         settings = runtime.settings()
+        shape_sweep = _shape_sweep(runtime, request, latency_batch, fixed, score=True, timed=False)
         runtime.close()
         return {"accuracy": accuracy, "non_finite_outputs": non_finite, "accuracy_test": accuracy_test,
-                "runtime": settings}
+                "runtime": settings, "shape_sweep": shape_sweep}
+
+    # The input-size sweep's scoring (and BatchNorm re-estimation) needs no quiet machine: done before the lock.
+    scored_sizes = _shape_sweep(runtime, request, latency_batch, fixed, score=True, timed=False) \
+        if parts != "timing" else []
 
     # Timing waits for the machine's timing lock when a search runs several trials at once (timing_lock.py).
     with timing_lock():
         spec = request["latency"]
         plan = TimingPlan.from_spec(spec)
-        latency, raw_ms = time_trials(lambda: runtime.run(first_batch), plan, int(spec.get("trials", 1)),
-                                      lambda f: _progress("latency", f))
-        latency["batch_size"] = latency_batch
+        latency, raw_ms = time_latency(runtime, inputs, spec, latency_batch, request["seed"],
+                                       lambda f: _progress("latency", f))
         latency["runtime"] = runtime.name  # the report says per stage where its latency was timed
         np.save(request["raw_times_npy"], raw_ms)
         _progress("latency", 1.0)
@@ -99,6 +151,8 @@ def measure(request: dict) -> dict:
             })
             _progress("sweep", len(sweep) / len(spec["batch_sizes"]))
 
+        timed_sizes = _shape_sweep(runtime, request, latency_batch, fixed, score=False, timed=True)
+
         profile = None
         if request.get("profile"):
             _progress("profile", 0.0)
@@ -115,6 +169,7 @@ def measure(request: dict) -> dict:
         "runtime": runtime.settings(),
         "accuracy_test": accuracy_test,
         "latency_sweep": sweep,
+        "shape_sweep": merge_points(scored_sizes, timed_sizes) if request.get("shape_sweep") else [],
         "profile": profile,
     }
     runtime.close()
@@ -132,23 +187,8 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
     from optimizer.measure import metrics as m
 
     metric = m.Metric.from_settings(request.get("metric"))
-    batch_size = fixed or request["accuracy_batch_size"]
-    predictions = np.empty(len(labels), dtype=np.int64)
-    kept: list[np.ndarray] = []
-    non_finite = 0
-    for start_index in range(0, len(labels), batch_size):
-        batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
-        count = len(next(iter(batch.values())))
-        if fixed and count < fixed:
-            batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
-        logits = runtime.run(batch)[:count]
-        non_finite += int((~np.isfinite(logits)).sum())
-        predictions[start_index : start_index + count] = logits.reshape(count, -1).argmax(-1)
-        part = m.kept_from_batch(metric, logits)
-        if part is not None:
-            kept.append(part)
-        _progress("accuracy", min(1.0, (start_index + batch_size) / len(labels)))
-    outputs = np.concatenate(kept) if kept else None
+    predictions, outputs, non_finite = _predict(runtime, inputs, len(labels), fixed or request["accuracy_batch_size"],
+                                                fixed, metric, "accuracy")
     np.save(request["predictions_npy"], predictions)
 
     is_baseline = bool(request.get("is_baseline"))
@@ -172,6 +212,110 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
         # Paired test on the same samples: is the change from the baseline more than chance?
         accuracy_test = m.paired_test(metric, baseline_scores, scores, seed=int(request["seed"]) + 1)
     return accuracy, accuracy_test, non_finite
+
+
+def _predict(runtime, inputs: dict[str, np.ndarray], count_all: int, batch_size: int, fixed: int | None, metric,
+             phase: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Run every sample in batches: (arg-max per sample, what the metric keeps of the outputs, non-finite count).
+
+    A model with a fixed batch gets its last partial batch padded with repeated samples, the padding's outputs
+    dropped."""
+    from optimizer.measure import metrics as m
+
+    predictions = np.empty(count_all, dtype=np.int64)
+    kept: list[np.ndarray] = []
+    non_finite = 0
+    for start_index in range(0, count_all, batch_size):
+        batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
+        count = len(next(iter(batch.values())))
+        if fixed and count < fixed:
+            batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
+        logits = runtime.run(batch)[:count]
+        non_finite += int((~np.isfinite(logits)).sum())
+        predictions[start_index : start_index + count] = logits.reshape(count, -1).argmax(-1)
+        part = m.kept_from_batch(metric, logits)
+        if part is not None:
+            kept.append(part)
+        _progress(phase, min(1.0, (start_index + batch_size) / count_all))
+    return predictions, (np.concatenate(kept) if kept else None), non_finite
+
+
+def _shape_sweep(runtime, request: dict, batch_size: int, fixed: int | None, *, score: bool,
+                 timed: bool) -> list[dict]:
+    """``evaluate.latency.shapes``: at each size, accuracy (``score``, where the data was loaded at that size;
+    BatchNorm statistics of a torch model re-estimated there first when asked) and p50 latency (``timed``).
+
+    A size the runtime refuses is recorded with its error and the sweep goes on: validation has already refused
+    the sizes a stage's declared shapes exclude, so what is left is the runtime's own limit, a figure to report
+    rather than a reason to lose the stage."""
+    from optimizer.errors import first_line
+    from optimizer.measure import metrics as m
+    from optimizer.measure.latency import TimingPlan, sweep_plan
+
+    points = request.get("shape_sweep") or []
+    out = []
+    plan = sweep_plan(TimingPlan.from_spec(request["latency"]))
+    for index, point in enumerate(points):
+        entry: dict = {"size": point["size"], "shape": point["shape"], "source": point["source"]}
+        try:
+            with np.load(point["npz"], allow_pickle=False) as archive:
+                labels = archive["__labels__"]
+                arrays = {spec.name: archive[spec.name] for spec in runtime.artifact.inputs}
+                bn = {k.removeprefix("__bn__"): archive[k] for k in archive.files if k.startswith("__bn__")}
+            metric = m.Metric.from_settings(request.get("metric"))
+            if score and point.get("accuracy") and metric.metric != "agreement":
+                with _batchnorm_at(runtime, bn) as batchnorm:
+                    predictions, outputs, non_finite = _predict(runtime, arrays, len(labels),
+                                                                fixed or request["accuracy_batch_size"], fixed,
+                                                                metric, "shapes")
+                scores = m.sample_scores(metric, predictions=predictions, kept=outputs, labels=labels,
+                                         reference=None, tolerate_non_finite=non_finite > 0)
+                summary = m.summarize(metric, scores, seed=int(request["seed"]))
+                entry["accuracy"] = {k: summary.get(k) for k in ("value", "n", "ci95", "interval") if k in summary}
+                entry["batchnorm"] = batchnorm
+            if timed:
+                summary, _ = time_latency(runtime, arrays, request["latency"], batch_size, int(request["seed"]) + 3,
+                                          plan=plan, trials=1)
+                entry.update({key: summary[key] for key in ("p50_ms", "p50_ci95_ms", "p90_ms", "iterations",
+                                                            "unstable", "inputs")})
+        except Exception as exc:  # a runtime's refusal comes in its own exception types
+            entry["error"] = f"{type(exc).__name__}: {first_line(exc, 200)}"
+        out.append(entry)
+        _progress("shapes", (index + 1) / len(points))
+    return out
+
+
+class _batchnorm_at:
+    """Re-estimate a torch model's BatchNorm statistics on ``arrays`` for the duration of a ``with`` block, then
+    put the trained ones back; yields what was done ('re-estimated on N samples', or why not) or None."""
+
+    def __init__(self, runtime, arrays: dict[str, np.ndarray]):
+        self.runtime, self.arrays, self.saved = runtime, arrays, None
+
+    def __enter__(self) -> str | None:
+        if not self.arrays:
+            return None
+        module = getattr(self.runtime, "module", None)
+        if module is None or not hasattr(module, "named_modules"):
+            return f"kept: the {self.runtime.name} artifact has its statistics folded in"
+        import torch
+
+        from optimizer.passes.recover import _batch_bounds, batchnorm_layers, reestimate_batchnorm
+
+        layers = batchnorm_layers(module)
+        if not layers:
+            return "none: the model has no BatchNorm layer"
+        self.saved = {k: v.clone() for k, v in module.state_dict().items()}
+        names = [spec.name for spec in self.runtime.artifact.inputs]
+        count = min(len(next(iter(self.arrays.values()))), 20 * 32)  # recover.batchnorm's default budget
+        batches = (tuple(torch.from_numpy(np.ascontiguousarray(self.arrays[n][a:b])) for n in names)
+                   for a, b in _batch_bounds(count, 32))
+        reestimate_batchnorm(module, layers, batches)
+        return f"re-estimated on {count} data.calibration samples"
+
+    def __exit__(self, *exc) -> None:
+        if self.saved is not None:
+            self.runtime.module.load_state_dict(self.saved)
 
 
 def _load_reference(request: dict, metric) -> np.ndarray:

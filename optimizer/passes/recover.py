@@ -80,6 +80,47 @@ def _save(pass_: Pass, artifact: Artifact, ctx: PassContext, module: "nn.Module"
 # ------------------------------------------------------------------------------------------ recover.batchnorm
 
 
+def batchnorm_layers(model: "nn.Module") -> list[tuple[str, "nn.Module"]]:
+    """The BatchNorm layers that keep running statistics, by name."""
+    from torch import nn
+
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.running_mean is not None]
+
+
+def reestimate_batchnorm(model: "nn.Module", layers: list[tuple[str, "nn.Module"]],
+                         batches) -> tuple[dict[str, tuple["torch.Tensor", "torch.Tensor"]], list[str]]:
+    """Measure ``layers``' running statistics again over ``batches`` (tuples of input tensors, each at least 2
+    samples); returns (the statistics before, the layers that never ran and so kept theirs).
+
+    The statistics are a cumulative average (momentum None after a reset), so every batch weighs the same and
+    the old statistics leave no trace. Only the batch norm layers run in training mode; the model is left in
+    eval mode. Shared with the input-size sweep, which re-estimates them at each resolution."""
+    import torch
+
+    before = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers}
+    momenta = {name: m.momentum for name, m in layers}
+    for _, m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: every batch weighs the same
+        m.train()
+    try:
+        with torch.no_grad():
+            for inputs in batches:
+                model(*inputs)
+    finally:
+        for name, m in layers:
+            m.momentum = momenta[name]
+        model.eval()
+    # A layer that never ran (an unused branch) got no new statistics: it keeps its old ones.
+    unused = [name for name, m in layers if int(m.num_batches_tracked) == 0]
+    for name, m in layers:
+        if name in unused:
+            m.running_mean.copy_(before[name][0])
+            m.running_var.copy_(before[name][1])
+    return before, unused
+
+
 class RecoverBatchNormConfig(PassConfig):
     split: Literal["calibration", "train"] = Field(
         default="calibration",
@@ -111,7 +152,6 @@ class RecoverBatchNorm(Pass):
 
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         import torch
-        from torch import nn
 
         from optimizer.runtimes.torch_eager import load_torch_module
 
@@ -121,9 +161,7 @@ class RecoverBatchNorm(Pass):
         torch.set_num_threads(max(1, ctx.threads))
         ctx.progress.update("loading the model")
         model = load_torch_module(artifact).eval()
-        layers = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-                  and m.running_mean is not None]
+        layers = batchnorm_layers(model)
         if not layers:
             raise StageError(f"{stage}: {self.name} found no BatchNorm layer with running statistics in the model; "
                              "remove this stage")
@@ -134,30 +172,15 @@ class RecoverBatchNorm(Pass):
             raise StageError(f"{stage}: data.{cfg.split} has {len(data)} samples; batch norm statistics need "
                              "at least 2")
 
-        before = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers}
-        momenta = {name: m.momentum for name, m in layers}
-        for _, m in layers:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: every batch weighs the same
-            m.train()
         bounds = _batch_bounds(count, cfg.batch_size)
-        try:
-            with torch.no_grad():
-                for index, (start, stop) in enumerate(bounds):
-                    ctx.progress.update(f"measuring batch norm statistics: batch {index + 1} of {len(bounds)}",
-                                        index / len(bounds))
-                    model(*_input_tensors(data.batch(start, stop), artifact))
-        finally:
-            for name, m in layers:
-                m.momentum = momenta[name]
-            model.eval()
 
-        # A layer that never ran (an unused branch) got no new statistics: it keeps its old ones.
-        unused = [name for name, m in layers if int(m.num_batches_tracked) == 0]
-        for name, m in layers:
-            if name in unused:
-                m.running_mean.copy_(before[name][0])
-                m.running_var.copy_(before[name][1])
+        def batches():
+            for index, (start, stop) in enumerate(bounds):
+                ctx.progress.update(f"measuring batch norm statistics: batch {index + 1} of {len(bounds)}",
+                                    index / len(bounds))
+                yield _input_tensors(data.batch(start, stop), artifact)
+
+        before, unused = reestimate_batchnorm(model, layers, batches())
         updated = [(name, m) for name, m in layers if name not in unused]
         if not updated:
             raise StageError(f"{stage}: none of the {len(layers)} BatchNorm layers runs in the model's forward pass")

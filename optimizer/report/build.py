@@ -80,6 +80,8 @@ def stage_record(
             record["accuracy_test"] = metrics["accuracy_test"]
         if metrics.get("latency_sweep"):
             record["latency_sweep"] = metrics["latency_sweep"]
+        if metrics.get("shape_sweep"):
+            record["shape_sweep"] = metrics["shape_sweep"]
         if metrics.get("profile"):
             record["profile"] = metrics["profile"]
         if metrics.get("accuracy_runtime"):

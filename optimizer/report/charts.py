@@ -1,5 +1,5 @@
 """The report's charts as inline SVG strings: trade-off scatter, waterfalls, latency distributions, the
-batch-size sweep and the operator profile. Inputs are plain values; every text is escaped in svg.py."""
+batch-size and input-size sweeps and the operator profile. Inputs are plain values; every text is escaped in svg.py."""
 
 from __future__ import annotations
 
@@ -396,6 +396,74 @@ def sweep_legend(names: Sequence[str]) -> str:
     items = [(swatch(PALETTE[k % len(PALETTE)], kind="marker", shape=k), name) for k, name in enumerate(names)]
     items.append((swatch(INK, kind="point", hollow=True), "hollow: unstable figure"))
     return legend(items)
+
+
+# ------------------------------------------------------------------------------- input-size sweep
+
+
+def shape_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metric: str = "p50_ms",
+                percent: bool = True, size_label: str = "input size", width: int = 540, height: int = 300) -> str:
+    """p50 latency (``metric="p50_ms"``, with its 95 % interval) or accuracy (``"accuracy"``, with its interval)
+    against input size, one line per stage, from ``evaluate.latency.shapes``. Both axes are linear from zero
+    for latency, so the chart shows how cost grows with size. Unstable points are hollow."""
+    left, right, top, bottom = 70, 16, 30, 52
+    latency = metric == "p50_ms"
+    title = "p50 latency, ms" if latency else ("accuracy, %" if percent else "accuracy")
+    out = [svg_open(width, height, f"Latency against input size: {title}" if latency
+                    else f"Accuracy against input size: {title}")]
+    scale = 100.0 if percent and not latency else 1.0
+
+    def value(p: dict[str, Any]) -> float | None:
+        if latency:
+            return p.get("p50_ms")
+        acc = p.get("accuracy") or {}
+        return None if acc.get("value") is None else acc["value"] * scale
+
+    def interval(p: dict[str, Any]) -> tuple[float, float] | None:
+        if latency:
+            ci = p.get("p50_ci95_ms")
+        else:
+            acc = p.get("accuracy") or {}
+            ci = acc.get("ci95") or acc.get("interval")
+            ci = [c * scale for c in ci] if ci else None
+        return (ci[0], ci[1]) if ci and None not in ci else None
+
+    points = [(name, sorted((p for p in pts if value(p) is not None), key=lambda p: p["size"]))
+              for name, pts in series]
+    sizes = sorted({int(p["size"]) for _, pts in points for p in pts})
+    if not sizes:
+        out.append(text(width / 2, height / 2, "no sweep data", anchor="middle", fill=MUTED))
+        return "".join(out) + "</svg>"
+    highs = [(interval(p) or (value(p), value(p)))[1] for _, pts in points for p in pts]
+    lows = [(interval(p) or (value(p), value(p)))[0] for _, pts in points for p in pts]
+    if latency:
+        y0, y1 = 0.0, max(highs) * 1.1 or 1.0
+    else:
+        y0, y1 = padded_domain(lows + highs, floor=0.0)
+    sy = Scale(y0, y1, height - bottom, top)
+    span = max(sizes[-1] - sizes[0], 1)
+    sx = Scale(sizes[0] - span * 0.06, sizes[-1] + span * 0.06, left, width - right)
+    out += axis_y(sy, nice_ticks(y0, y1, 5), left, width - right, title)
+    out += axis_x(sx, sizes, height - bottom, top, size_label, tick_text=[str(s) for s in sizes])
+    for k, (name, pts) in enumerate(points):
+        if not pts:
+            continue
+        color = PALETTE[k % len(PALETTE)]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(p['size']):.1f},{sy(value(p)):.1f}" for j, p in enumerate(pts))
+        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for p in pts:
+            px, py = sx(p["size"]), sy(value(p))
+            ci = interval(p)
+            if ci is not None:
+                out.append(line(px, sy(ci[0]), px, sy(ci[1]), stroke=color, width=1.3))
+            tip = f"{name}, size {p['size']}: p50 {p['p50_ms']:.3f} ms" if p.get("p50_ms") is not None else \
+                f"{name}, size {p['size']}"
+            acc = (p.get("accuracy") or {}).get("value")
+            tip += (f", accuracy {acc * scale:.2f}{' %' if percent else ''}" if acc is not None else "")
+            tip += " (unstable)" if latency and p.get("unstable") else ""
+            hollow = latency and p.get("unstable")
+            out.append(marker(k, px, py, fill="#fff" if hollow else color, stroke=color, r=4, title=tip))
+    return "".join(out) + "</svg>"
 
 
 # ---------------------------------------------------------------------------------------- profile

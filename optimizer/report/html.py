@@ -325,6 +325,44 @@ def _sweep(report: dict[str, Any]) -> str:
               "per batch size.</figcaption>" + table + "</section>")
 
 
+def _shapes(report: dict[str, Any]) -> str:
+    """evaluate.latency.shapes: the "latency against input size" chart (one line per stage), accuracy against size
+    where it was measured, and the table."""
+    from optimizer.report.rows import shape_series, shape_table
+
+    sizes, rows, notes_ = shape_table(report)
+    if not rows:
+        return ""
+    series = shape_series(report)
+    view = report_metric(report)
+    inputs = (((report.get("recipe") or {}).get("model") or {}).get("inputs")) or []
+    tokens = any(str(spec.get("dtype", "float32")).startswith(("int", "uint8", "bool")) for spec in inputs
+                 if isinstance(spec, dict) and len(spec.get("shape") or []) < 4)
+    size_label = "sequence length" if tokens else "input size (image side, px)"
+    head = "".join(f'<th scope="col">size {size}</th>' for size in sizes)
+    body = []
+    for name, cells in rows:
+        tds = []
+        for c in cells:
+            css = ' class="unstable" title="unstable: wide interval of the median"' if c.unstable else ""
+            extra = f"<small>{esc(c.accuracy)}</small>" if c.accuracy else ""
+            extra += f'<small title="{esc(c.error)}">error</small>' if c.error else ""
+            tds.append(f"<td{css}>{esc(c.latency)}{extra}</td>")
+        body.append(f"<tr><td>{esc(name)}</td>{''.join(tds)}</tr>")
+    table = (f'<div class="scroll"><table class="sweep"><thead><tr><th scope="col">stage</th>{head}</tr></thead>'
+             f"<tbody>{''.join(body)}</tbody></table></div>")
+    figures = f"<figure>{charts.shape_chart(series, metric='p50_ms', size_label=size_label)}</figure>"
+    if any((p.get("accuracy") or {}).get("value") is not None for _, points in series for p in points):
+        figures += (f"<figure>{charts.shape_chart(series, metric='accuracy', percent=view.percent, size_label=size_label)}"
+                    "</figure>")
+    note_items = "".join(f"<li>{esc(n)}</li>" for n in notes_)
+    return ('<section id="shapes"><h2>Latency against input size</h2><div class="row">' + figures + "</div>"
+            + charts.sweep_legend([n for n, _ in series])
+            + "<figcaption>p50 latency at each input size (with the 95 % interval of the median), one line per "
+              f"stage; {esc(view.name)} where the data was loaded at that size.</figcaption>" + table
+            + f'<ul class="notes">{note_items}</ul></section>')
+
+
 def _latency_tables(report: dict[str, Any]) -> str:
     """Latency-allocated pruning: the measured table as a chart, and prediction against measurement."""
     sections = []
@@ -449,6 +487,7 @@ def render_html(report: dict[str, Any], run_dir: Path | None = None) -> str:
         + _waterfalls(report)
         + _distributions(report, raw)
         + _sweep(report)
+        + _shapes(report)
         + _latency_tables(report)
         + _profile(report)
         + _environment(report)

@@ -48,6 +48,20 @@ def _sweep(report: dict[str, Any]) -> list[str]:
             *table(["stage", *(f"batch {b}" for b in sizes)], rows)]
 
 
+def _shapes(report: dict[str, Any]) -> list[str]:
+    """evaluate.latency.shapes: p50 (with its interval) and, where measured, accuracy per stage and size."""
+    from optimizer.report.rows import shape_table
+
+    sizes, rows, notes_ = shape_table(report)
+    if not rows:
+        return []
+    body = [[name] + [c.latency + (" unstable" if c.unstable else "") + (f"; {c.accuracy}" if c.accuracy else "")
+                      + (" (error)" if c.error else "") for c in cells] for name, cells in rows]
+    return ["", "## Latency against input size", "",
+            "p50 latency (95 % interval) and, where the data was loaded at that size, accuracy.", "",
+            *table(["stage", *(f"size {size}" for size in sizes)], body), "", *(f"- {md(n)}" for n in notes_)]
+
+
 def _profile(report: dict[str, Any]) -> list[str]:
     lines = []
     for s in report["stages"]:
@@ -103,6 +117,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for note in notes(report):
         lines.append(f"- {md(note)}")
     lines += _sweep(report)
+    lines += _shapes(report)
     lines += _latency_allocation(report)
     lines += _profile(report)
     lines += ["", f"Environment: {md(describe(report.get('environment') or {}))}"]

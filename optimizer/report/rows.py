@@ -229,6 +229,23 @@ def timing_note(stages: list[dict[str, Any]]) -> str:
     return text
 
 
+def inputs_note(stages: list[dict[str, Any]]) -> str:
+    """What the single-stream latency was timed on (``evaluate.latency.inputs``); reports from before the setting
+    timed one fixed batch."""
+    timed = [s for s in stages if s.get("latency")]
+    kinds = {(s["latency"].get("inputs") or "fixed") for s in timed}
+    if kinds == {"eval"}:
+        counts = sorted({int(s["latency"].get("input_samples") or 0) for s in timed})
+        many = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}–{counts[-1]:,}"
+        return (f"Latency inputs: real eval samples ({many} distinct), each stage fed them in turn, round-robin in a "
+                "seeded order (evaluate.latency.inputs: eval): p50, p90 and p99 are over the inputs users send.")
+    if kinds == {"fixed"}:
+        return ("Latency inputs: one fixed batch of eval samples drawn by seed, run again and again "
+                "(evaluate.latency.inputs: fixed).")
+    each = ", ".join(f"{s['name']} {s['latency'].get('inputs') or 'fixed'}" for s in timed)
+    return f"Latency inputs differ between stages (evaluate.latency.inputs): {each}."
+
+
 def notes(report: dict[str, Any]) -> list[str]:
     out = []
     stages = report["stages"]
@@ -251,6 +268,7 @@ def notes(report: dict[str, Any]) -> list[str]:
             "or one side is unstable."
         )
         out.append(timing_note(stages))
+        out.append(inputs_note(stages))
         if "p99_ci95_ms" in lat:
             trials = (base.get("throughput") or {}).get("trials")
             out.append(
@@ -372,3 +390,61 @@ def _detail_value(value: Any) -> str:
     if isinstance(value, dict):
         return f"{len(value)} entries"
     return _detail_value(str(value))
+
+
+# ------------------------------------------------------------------------------- input-size sweep
+
+
+@dataclass(frozen=True)
+class ShapeCell:
+    latency: str      # "0.865 ms (0.863–0.873)", or "–"
+    accuracy: str     # "91.60 %", or "" where not measured
+    unstable: bool
+    error: str | None
+
+
+def shape_series(report: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(stage, its evaluate.latency.shapes points) for every stage that has them."""
+    return [(s["name"], s["shape_sweep"]) for s in report.get("stages") or [] if s.get("shape_sweep")]
+
+
+def shape_table(report: dict[str, Any]) -> tuple[list[int], list[tuple[str, list[ShapeCell]]], list[str]]:
+    """The input-size sweep as (sizes, a row of cells per stage, notes on how each size was measured)."""
+    series = shape_series(report)
+    view = report_metric(report)
+    sizes = sorted({int(p["size"]) for _, points in series for p in points})
+    rows = []
+    for name, points in series:
+        by_size = {int(p["size"]): p for p in points}
+        cells = []
+        for size in sizes:
+            p = by_size.get(size) or {}
+            latency = "–"
+            if p.get("p50_ms") is not None:
+                ci = p.get("p50_ci95_ms") or [None, None]
+                bounds = f" ({ci[0]:.3f}–{ci[1]:.3f})" if None not in ci else ""
+                latency = f"{p['p50_ms']:.3f} ms{bounds}"
+            acc = p.get("accuracy") or {}
+            accuracy = (f"{view.value(acc['value'])}{' %' if view.percent else ''}" if acc.get("value") is not None
+                        else "")
+            cells.append(ShapeCell(latency, accuracy, bool(p.get("unstable")), p.get("error")))
+        rows.append((name, cells))
+    notes_out = []
+    first = series[0][1] if series else []
+    for p in sorted(first, key=lambda p: p["size"]):
+        shape = ", ".join(f"{k} {v}" for k, v in (p.get("shape") or {}).items())
+        notes_out.append(f"size {p['size']}: {shape}; {p.get('source', '?')}")
+    batchnorm = sorted({str(p["batchnorm"]) for _, points in series for p in points if p.get("batchnorm")})
+    if batchnorm:
+        notes_out.append("BatchNorm statistics at each size: " + "; ".join(batchnorm) + " (the stage's artifact is "
+                         "unchanged)")
+    inputs = sorted({str(p.get("inputs")) for _, points in series for p in points if p.get("inputs")})
+    if inputs:
+        notes_out.append(f"p50 at batch {((report['stages'][0].get('latency') or {}).get('batch_size', '?'))} on "
+                         + ("the eval samples in turn" if inputs == ["eval"] else "one fixed batch" if inputs == ["fixed"]
+                            else " and ".join(inputs)) + ", with the 95 % interval of the median")
+    for name, points in series:
+        for p in points:
+            if p.get("error"):
+                notes_out.append(f"stage '{name}' at size {p['size']}: {p['error']}")
+    return sizes, rows, notes_out
