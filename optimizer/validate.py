@@ -132,6 +132,13 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
             if earlier[ref] != "torch":
                 raise RecipeError(f"stages.{index} ({stage.name}): '@{ref}' is a {earlier[ref]} model; "
                                   "this pass needs a torch stage")
+        # A pass may check its settings against the model's inputs (compile.openvino's shape buckets).
+        check_inputs = getattr(instance, "check_inputs", None)
+        if callable(check_inputs):
+            try:
+                check_inputs(list(model.inputs))
+            except ValueError as exc:
+                raise RecipeError(f"stages.{index} ({stage.name}): {exc}") from None
         form = pass_cls.output_form_for(form)
         chain.append(form)
         for need in instance.required_data():

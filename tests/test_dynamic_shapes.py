@@ -83,3 +83,56 @@ def test_dynamic_export_matches_eager_across_lengths(exported) -> None:
         with torch.inference_mode():
             reference = module(*(torch.from_numpy(fitted[n]) for n in ("input_ids", "attention_mask"))).numpy()
         np.testing.assert_allclose(onnx_runtime.run(fitted), reference, atol=1e-4, rtol=1e-3)
+
+
+def compiled(exported, tmp_path: Path, config: dict) -> "object":
+    from optimizer.passes.compile_openvino import CompileOpenVino
+    from optimizer.testing import check_pass
+
+    report = check_pass(CompileOpenVino, {"verify_samples": 24, **config}, source=exported, data=minilm_recipe(),
+                        repeat=False, deterministic=False, work_dir=tmp_path)
+    assert report.ok, report.violations
+    return report.output
+
+
+def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, tmp_path: Path) -> None:
+    """Bounded dynamic dims in the IR, and shape buckets routed by length; both refuse 129 with the bounds."""
+    from optimizer.errors import InputRejected
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime
+    from optimizer.examples.minilm_sentiment import tokenize
+
+    ids, mask = tokenize(["an unexpectedly moving and beautifully acted film " * 20], 128)
+    reference = OnnxRuntime(exported, threads=1)
+    bounded = compiled(exported, tmp_path / "bounded", {})
+    bucketed = compiled(exported, tmp_path / "bucketed", {"buckets": [16, 32, 64, 128]})
+    assert bucketed.meta["buckets"]["sizes"] == [16, 32, 64, 128] and "buckets" not in bounded.meta
+    import openvino as ov
+
+    dims = ov.Core().read_model(str(bounded.entry_path)).inputs[0].get_partial_shape()[1]
+    assert (dims.get_min_length(), dims.get_max_length()) == (1, 128)
+    runtimes = {"bounded": OpenVinoRuntime(bounded, threads=1), "bucketed": OpenVinoRuntime(bucketed, threads=1)}
+    for length in (1, 2, 15, 16, 17, 40, 64, 100, 128):
+        # The real snippet cut to `length` word pieces, ending with [SEP] as a tokenizer would.
+        batch = {"input_ids": ids[:, :length].copy(), "attention_mask": mask[:, :length].copy()}
+        batch["input_ids"][:, -1] = 102 if length > 1 else 101
+        expected = reference.run(batch)
+        for name, runtime in runtimes.items():
+            np.testing.assert_allclose(runtime.run(batch), expected, atol=2e-3, rtol=1e-2, err_msg=f"{name} at {length}")
+        assert runtimes["bucketed"].route(batch)[0] == next(b for b in (16, 32, 64, 128) if length <= b)
+    too_long = {"input_ids": np.ones((1, 129), np.int64), "attention_mask": np.ones((1, 129), np.int64)}
+    for runtime in runtimes.values():
+        with pytest.raises(InputRejected, match=r"length 129 of dynamic axis 'seq' is outside the model's bounds 1\.\.128"):
+            runtime.run(too_long)
+    mismatched = {"input_ids": np.ones((1, 20), np.int64), "attention_mask": np.ones((1, 21), np.int64)}
+    with pytest.raises(InputRejected, match="differ in length"):
+        runtimes["bucketed"].run(mismatched)
+
+
+def test_auto_buckets_minimize_padding() -> None:
+    from optimizer.shapes import auto_buckets
+
+    lengths = np.array([10] * 50 + [20] * 30 + [40] * 15 + [60] * 5)
+    assert auto_buckets(lengths, 4, 64) == [16, 24, 40, 64]
+    assert auto_buckets(lengths, 1, 64) == [64]
+    assert auto_buckets(np.array([5, 6]), 4, 64) == [8, 64]

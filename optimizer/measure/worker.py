@@ -24,11 +24,24 @@ def _progress(phase: str, fraction: float) -> None:
     print(f"@@progress {phase} {fraction:.3f}", flush=True)
 
 
+# Dynamic axes of the artifact and each eval sample's own length on them (from the .npz); empty for fixed shapes.
+_LENGTHS: dict = {"axes": {}, "lengths": {}}
+
+
+def _cut(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    """A batch cut to its longest sample on every dynamic axis (samples are stored padded to the longest)."""
+    from optimizer.shapes import trim
+
+    if not _LENGTHS["lengths"]:
+        return batch
+    return trim(batch, _LENGTHS["axes"], {name: own[index] for name, own in _LENGTHS["lengths"].items()})
+
+
 def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """Real eval samples chosen by seed, tiled if the set is smaller; contiguous and in memory."""
     n = len(next(iter(inputs.values())))
     index = np.random.default_rng(seed).choice(n, size=batch_size, replace=batch_size > n)
-    return {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
+    return _cut({name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}, index)
 
 
 def measure(request: dict) -> dict:
@@ -41,6 +54,12 @@ def measure(request: dict) -> dict:
     with np.load(request["eval_npz"], allow_pickle=False) as archive:
         labels = archive["__labels__"]
         inputs = {spec.name: archive[spec.name] for spec in artifact.inputs}
+        from optimizer.shapes import length_axes
+
+        axes = length_axes(artifact.inputs)
+        _LENGTHS["axes"] = axes
+        _LENGTHS["lengths"] = {name: archive[f"__length__{name}"] for name in axes
+                               if f"__length__{name}" in archive.files}
 
     start = time.perf_counter()
     runtime = open_runtime(artifact, threads=request["threads"], options=request.get("runtime_options"))
@@ -137,7 +156,8 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
     kept: list[np.ndarray] = []
     non_finite = 0
     for start_index in range(0, len(labels), batch_size):
-        batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
+        batch = _cut({name: array[start_index : start_index + batch_size] for name, array in inputs.items()},
+                     slice(start_index, start_index + batch_size))
         count = len(next(iter(batch.values())))
         if fixed and count < fixed:
             batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
