@@ -62,6 +62,9 @@ def build_final(artifact: Artifact, stage: dict[str, Any], folder: Path, *, repo
         "environment": report.get("environment"),
         "recipe": report.get("recipe"),
         "lineage": [s.get("sha256") for s in upto],
+        # Shape buckets (compile.openvino): the static lengths the artifact was measured with; optimizer.deploy
+        # routes every input through them, as the measurement did.
+        **({"buckets": artifact.meta["buckets"]} if artifact.meta.get("buckets") else {}),
         **(extra or {}),
     }
     write_text_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str) + "\n")

@@ -85,6 +85,14 @@ def test_dynamic_export_matches_eager_across_lengths(exported) -> None:
         np.testing.assert_allclose(onnx_runtime.run(fitted), reference, atol=1e-4, rtol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def openvino_artifacts(exported, tmp_path_factory) -> dict:
+    """The export compiled twice: bounded dynamic dims, and buckets 16/32/64/128."""
+    base = tmp_path_factory.mktemp("openvino")
+    return {"bounded": compiled(exported, base / "bounded", {}),
+            "bucketed": compiled(exported, base / "bucketed", {"buckets": [16, 32, 64, 128]})}
+
+
 def compiled(exported, tmp_path: Path, config: dict) -> "object":
     from optimizer.passes.compile_openvino import CompileOpenVino
     from optimizer.testing import check_pass
@@ -95,7 +103,7 @@ def compiled(exported, tmp_path: Path, config: dict) -> "object":
     return report.output
 
 
-def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, tmp_path: Path) -> None:
+def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, openvino_artifacts) -> None:
     """Bounded dynamic dims in the IR, and shape buckets routed by length; both refuse 129 with the bounds."""
     from optimizer.errors import InputRejected
     from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
@@ -104,8 +112,7 @@ def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, 
 
     ids, mask = tokenize(["an unexpectedly moving and beautifully acted film " * 20], 128)
     reference = OnnxRuntime(exported, threads=1)
-    bounded = compiled(exported, tmp_path / "bounded", {})
-    bucketed = compiled(exported, tmp_path / "bucketed", {"buckets": [16, 32, 64, 128]})
+    bounded, bucketed = openvino_artifacts["bounded"], openvino_artifacts["bucketed"]
     assert bucketed.meta["buckets"]["sizes"] == [16, 32, 64, 128] and "buckets" not in bounded.meta
     import openvino as ov
 
@@ -136,3 +143,37 @@ def test_auto_buckets_minimize_padding() -> None:
     assert auto_buckets(lengths, 4, 64) == [16, 24, 40, 64]
     assert auto_buckets(lengths, 1, 64) == [64]
     assert auto_buckets(np.array([5, 6]), 4, 64) == [8, 64]
+
+
+def test_deploy_opens_final_and_runs_through_the_buckets(exported, openvino_artifacts, tmp_path: Path) -> None:
+    """A published bucketed artifact: the manifest lists the buckets, the loader routes by length and refuses
+    a changed file and a length beyond the bounds."""
+    import json
+
+    from optimizer.deploy import open_final
+    from optimizer.errors import InputRejected
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+    from optimizer.publish import build_final
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+
+    final = tmp_path / "final"
+    build_final(openvino_artifacts["bucketed"], {"name": "openvino"}, final, report={"stages": []},
+                publish={"policy": "last", "stage": "openvino", "reason": "test"})
+    assert json.loads((final / "manifest.json").read_text())["buckets"]["sizes"] == [16, 32, 64, 128]
+    test = rotten_tomatoes("test", pad="longest")
+    reference = OnnxRuntime(exported, threads=1)
+    with open_final(final) as model:
+        assert model.buckets == [16, 32, 64, 128]
+        for i in range(6):
+            sample, _ = test[i]
+            batch = {name: value[None] for name, value in sample.items()}
+            length = batch["input_ids"].shape[1]
+            assert model.bucket_for(batch) == next(b for b in model.buckets if length <= b)
+            np.testing.assert_allclose(model.run(batch), reference.run(batch), atol=2e-3, rtol=1e-2)
+        with pytest.raises(InputRejected, match="outside the model's bounds 1..128"):
+            model.run({"input_ids": np.ones((1, 200), np.int64), "attention_mask": np.ones((1, 200), np.int64)})
+        with pytest.raises(InputRejected, match="input 'attention_mask' is missing"):
+            model.run({"input_ids": np.ones((1, 20), np.int64)})
+    (final / "model.bin").write_bytes((final / "model.bin").read_bytes()[:-8] + b"changed!")
+    with pytest.raises(InputRejected, match="model.bin: missing or changed"):
+        open_final(final)
