@@ -24,8 +24,8 @@ def minilm_recipe(*, low: int = 1, high: int = 128, samples: int = 24, pad: str 
             "factory": "optimizer.examples.minilm_sentiment:minilm_classifier",
             "kwargs": {"num_classes": 2, "max_length": 64, "pretrained": False},
             "checkpoint": str(MINILM_CHECKPOINT),
-            "inputs": [{"name": "input_ids", "shape": [1, 64], "dtype": "int64", "dynamic": dynamic},
-                       {"name": "attention_mask", "shape": [1, 64], "dtype": "int64", "dynamic": dynamic}],
+            "inputs": [{"name": "input_ids", "shape": [1, min(64, high)], "dtype": "int64", "dynamic": dynamic},
+                       {"name": "attention_mask", "shape": [1, min(64, high)], "dtype": "int64", "dynamic": dynamic}],
         },
         "data": {"eval": {"dataset": DATASET, "kwargs": {"split": "test", "max_length": 64, "pad": pad},
                           "samples": samples},
@@ -177,3 +177,60 @@ def test_deploy_opens_final_and_runs_through_the_buckets(exported, openvino_arti
     (final / "model.bin").write_bytes((final / "model.bin").read_bytes()[:-8] + b"changed!")
     with pytest.raises(InputRejected, match="model.bin: missing or changed"):
         open_final(final)
+
+
+def test_varied_length_data_padding_invariance_and_calibration_lengths() -> None:
+    """pad: longest keeps each snippet at its own length (a batch cut to its longest), calibration gets single
+    samples at their own length, and the trained model predicts the same at its own length and padded to 64."""
+    import torch
+
+    from optimizer.data.datasets import load_dataset
+    from optimizer.passes.onnx_io import single_samples
+    from optimizer.recipe import load_recipe
+
+    loaded = load_recipe(minilm_recipe(samples=64))
+    data = load_dataset(loaded.recipe.data.eval, inputs=list(loaded.recipe.model.inputs), base_dir=REPO, seed=0,
+                        where="data.eval")
+    lengths = data.lengths["seq"]
+    assert np.array_equal(lengths, data.inputs["attention_mask"].sum(1)) and lengths.min() < lengths.max() <= 64
+    assert data.batch(0, 8)["input_ids"].shape == (8, int(lengths[:8].max()))
+    assert [s["input_ids"].shape[1] for s in single_samples(data, np.arange(5))] == list(lengths[:5])
+
+    module = eager_minilm()
+    with torch.inference_mode():
+        for i in range(16):
+            own = {n: torch.from_numpy(a) for n, a in data.batch(i, i + 1).items()}
+            padded = {n: torch.nn.functional.pad(a, (0, 64 - a.shape[1])) for n, a in own.items()}
+            at_own, at_64 = module(**own), module(**padded)
+            assert int(at_own.argmax()) == int(at_64.argmax())
+            torch.testing.assert_close(at_own, at_64, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_bounds_and_too_long_samples_name_the_limit() -> None:
+    """A bound past the position table is a recipe error (exit 2) at validation; a sample longer than the bound
+    is a data error (exit 3) naming the sample and its length; buckets that cannot cover the bound fail early."""
+    from optimizer.data.datasets import load_dataset
+    from optimizer.errors import InputRejected, RecipeError
+    from optimizer.recipe import load_recipe
+    from optimizer.validate import validate_recipe
+
+    with pytest.raises(RecipeError, match=r"model.inputs.0.dynamic.1.max: 1000 is beyond the model's position table "
+                                          r"of 512 positions \(encoder.config.max_position_embeddings\)") as err:
+        validate_recipe(load_recipe(minilm_recipe(high=1000)))
+    assert err.value.exit_code == 2
+
+    short = load_recipe(minilm_recipe(high=16, samples=64))
+    with pytest.raises(InputRejected, match=r"sample \d+ has length \d+ on dynamic axis 'seq', outside the declared "
+                                            r"bounds 1..16") as err:
+        load_dataset(short.recipe.data.eval, inputs=list(short.recipe.model.inputs), base_dir=REPO, seed=0,
+                     where="data.eval")
+    assert err.value.exit_code == 3
+    index, length = (int(n) for n in __import__("re").search(r"sample (\d+) has length (\d+)", str(err.value)).groups())
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+
+    assert int(rotten_tomatoes("test").lengths[index]) == length > 16
+
+    recipe = minilm_recipe()
+    recipe["stages"].append({"name": "openvino", "pass": "compile.openvino", "with": {"buckets": [16, 32, 64]}})
+    with pytest.raises(RecipeError, match=r"stages.1 \(openvino\): the largest bucket is 64 but 'seq' goes up to 128"):
+        validate_recipe(load_recipe(recipe))
