@@ -234,3 +234,25 @@ def test_bad_bounds_and_too_long_samples_name_the_limit() -> None:
     recipe["stages"].append({"name": "openvino", "pass": "compile.openvino", "with": {"buckets": [16, 32, 64]}})
     with pytest.raises(RecipeError, match=r"stages.1 \(openvino\): the largest bucket is 64 but 'seq' goes up to 128"):
         validate_recipe(load_recipe(recipe))
+
+
+@pytest.mark.slow  # the shipped recipe on 400 test snippets: export, NNCF INT8, OpenVINO buckets, 4 measurements
+def test_dynamic_recipe_publishes_a_bucketed_artifact_that_deploys(tmp_path: Path) -> None:
+    import json
+
+    from optimizer import run_recipe
+    from optimizer.deploy import open_final
+
+    report = run_recipe(REPO / "recipes" / "minilm_dynamic_int8_openvino.yaml", out=tmp_path / "run", quiet=True,
+                        overrides=["data.eval.samples=400", "data.calibration.samples=64",
+                                   "stages.1.with.subset_size=64", "evaluate.latency.mode=quick"])
+    assert report.passed
+    manifest = json.loads((tmp_path / "run" / "final" / "manifest.json").read_text())
+    sizes = manifest["buckets"]["sizes"]
+    assert manifest["stage"] == "openvino" and len(sizes) == 4 and sizes[-1] == 64
+    # Latency was timed on one real snippet at its own length, through its bucket.
+    assert report.stage("openvino")["runtime"]["buckets"] == sizes
+    with open_final(tmp_path / "run" / "final") as model:
+        ids = np.array([[101, 2023, 3185, 2001, 6429, 102]])
+        assert model.bucket_for({"input_ids": ids, "attention_mask": np.ones_like(ids)}) == sizes[0]
+        assert model.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}).shape == (1, 2)

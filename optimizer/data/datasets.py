@@ -46,11 +46,6 @@ class ArrayData:
         batch = {name: array[start:stop] for name, array in self.inputs.items()}
         return trim(batch, self.axes, {name: own[start:stop] for name, own in self.lengths.items()})
 
-    def take(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        """The samples at ``index`` as one batch, cut to the longest of them."""
-        batch = {name: np.ascontiguousarray(array[index]) for name, array in self.inputs.items()}
-        return trim(batch, self.axes, {name: own[index] for name, own in self.lengths.items()})
-
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
             yield self.batch(start, start + batch_size), self.labels[start : start + batch_size]
