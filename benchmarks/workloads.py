@@ -582,12 +582,13 @@ def minilm_lengths(out: Path, *, trials: int, threads: int, quick: bool, fresh: 
         for stage in recipe["stages"]:
             if stage["pass"] == "quantize.nncf":
                 stage["with"]["subset_size"] = 32
+    hand = {kind: str(lengths_hand_model(kind, out / "hand", calibration=calibration, log=log))
+            for kind in ("fixed64", "dynamic")}
     started = time.perf_counter()
     report = run_recipe(recipe, out=out / "recipe", quiet=True, resume=not fresh, cache=out / ".stage-cache")
     log(f"  recipe-buckets: built in {time.perf_counter() - started:.0f}s; buckets "
         f"{json.loads((report.path / 'final' / 'manifest.json').read_text()).get('buckets', {}).get('sizes')}")
-    variants = {"fixed64-hand": {"xml": str(lengths_hand_model("fixed64", out / "hand", calibration=calibration, log=log))},
-                "dynamic-hand": {"xml": str(lengths_hand_model("dynamic", out / "hand", calibration=calibration, log=log))},
+    variants = {"fixed64-hand": {"xml": hand["fixed64"]}, "dynamic-hand": {"xml": hand["dynamic"]},
                 "recipe-buckets": {"final": str(report.path / "final")}}
     names = list(variants)
     results: dict[str, list[dict]] = {name: [] for name in names}

@@ -93,6 +93,35 @@ def openvino_artifacts(exported, tmp_path_factory) -> dict:
             "bucketed": compiled(exported, base / "bucketed", {"buckets": [16, 32, 64, 128]})}
 
 
+def test_torchscript_export_names_the_dynamic_axes(exported, tmp_path: Path) -> None:
+    """The legacy exporter gets dynamic_axes with the shared name; its graph runs at other lengths too."""
+    import onnx
+
+    from optimizer.artifact import Artifact
+    from optimizer.examples.minilm_sentiment import tokenize
+    from optimizer.passes.export_onnx import ExportOnnxConfig, export_module
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+
+    module = eager_minilm()
+    ids, mask = tokenize(["a sharp, funny and humane film", "dull"], 64)
+    width = int(mask.sum(1).max())
+    samples = {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    cfg = ExportOnnxConfig(exporter="torchscript", opset=17)
+    export_module(module, exported, samples, folder / "model.onnx", cfg)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input] == [["batch", "seq"]] * 2
+    artifact = Artifact(form="onnx", path=folder, entry="model.onnx", inputs=exported.inputs).finalize()
+    import torch
+
+    with torch.inference_mode():
+        for length in (3, 64):
+            batch = {"input_ids": ids[:1, :length].copy(), "attention_mask": np.ones((1, length), np.int64)}
+            expected = module(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]))
+            np.testing.assert_allclose(OnnxRuntime(artifact, threads=1).run(batch), expected.numpy(), atol=1e-4)
+
+
 def compiled(exported, tmp_path: Path, config: dict) -> "object":
     from optimizer.passes.compile_openvino import CompileOpenVino
     from optimizer.testing import check_pass
