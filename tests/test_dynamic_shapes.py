@@ -156,6 +156,9 @@ def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, 
         for name, runtime in runtimes.items():
             np.testing.assert_allclose(runtime.run(batch), expected, atol=2e-3, rtol=1e-2, err_msg=f"{name} at {length}")
         assert runtimes["bucketed"].route(batch)[0] == next(b for b in (16, 32, 64, 128) if length <= b)
+    # A batch of three at length 20 runs in bucket 32, compiled for batch 3 on first use.
+    batch = {"input_ids": np.repeat(ids[:, :20], 3, axis=0), "attention_mask": np.repeat(mask[:, :20], 3, axis=0)}
+    np.testing.assert_allclose(runtimes["bucketed"].run(batch), reference.run(batch), atol=2e-3, rtol=1e-2)
     too_long = {"input_ids": np.ones((1, 129), np.int64), "attention_mask": np.ones((1, 129), np.int64)}
     for runtime in runtimes.values():
         with pytest.raises(InputRejected, match=r"length 129 of dynamic axis 'seq' is outside the model's bounds 1\.\.128"):

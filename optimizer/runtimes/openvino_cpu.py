@@ -144,15 +144,23 @@ class OpenVinoRuntime(Runtime):
             raise InputRejected(f"{xml}: artifact.json lists buckets on '{buckets['axis']}', which is no dynamic axis "
                                 "of the inputs; re-run the compile stage")
         self._pad_values = {name: float(v) for name, v in (buckets or {}).get("pad_values", {}).items()}
-        # One static-shape copy of the IR per bucket, each compiled once with its own request: the same IR,
-        # reshaped, so every bucket computes what the dynamic model would on the padded input.
-        self._models = {size: self._reshaped(size) for size in self.buckets}
-        self._slots: dict[int | None, _Slot] = {}
-        for size in self.buckets or [None]:
-            compiled = self._compile(self.performance_hint, self.streams, self._models.get(size, self.model))
-            self._slots[size] = _Slot(compiled)
-        self.compiled = self._slots[self.buckets[-1] if self.buckets else None].compiled
-        self.request = self._slots[self.buckets[-1] if self.buckets else None].request
+        # One fully static copy of the IR per bucket and batch size, each compiled once with its own request:
+        # the same IR, reshaped, so every bucket computes what the dynamic model would on the padded input. The
+        # batch is fixed too: a dimension left dynamic keeps OpenVINO on its slower dynamic-shape path. Batch 1
+        # (deployment, latency) is compiled here, so that no timed call ever compiles; other batch sizes (the
+        # accuracy pass) on first use.
+        batch_dim = self.model.inputs[0].get_partial_shape()[0]
+        self._ir_batch = None if batch_dim.is_dynamic else int(batch_dim.get_length())
+        self._models: dict[tuple[int, int], Any] = {}
+        self._slots: dict[tuple[int, int] | None, _Slot] = {}
+        if self.buckets:
+            for size in self.buckets:
+                self._slot(size, self._ir_batch or 1)
+            first = self._slots[(self.buckets[-1], self._ir_batch or 1)]
+        else:
+            first = self._slots[None] = _Slot(self._compile(self.performance_hint, self.streams))
+        self.compiled = first.compiled
+        self.request = first.request
         # numpy dtype of each input, as the compiled model expects it.
         self._dtypes = {port.get_any_name(): np.dtype(port.get_element_type().to_dtype())
                         for port in self.compiled.inputs}
@@ -160,20 +168,42 @@ class OpenVinoRuntime(Runtime):
         self._offline_by_bucket: dict[int | None, tuple[Any, Any]] = {}
         self._offline: tuple[Any, Any] | None = None
 
-    def _reshaped(self, size: int) -> Any:
-        """The IR with the bucket's length fixed on every input that carries the bucketed axis."""
+    def _reshaped(self, size: int, batch: int) -> Any:
+        """The IR with the batch and the bucket's length fixed (inputs without the bucketed axis: the batch)."""
+        key = (size, batch)
+        if key not in self._models:
+            model = self.model.clone()
+            axis = self._bucket_axis
+            assert axis is not None
+            shapes = {}
+            for port in model.inputs:
+                dims = list(port.get_partial_shape())
+                dims[0] = self._ov.Dimension(batch)
+                for name, index in axis.places:
+                    if name == port.get_any_name():
+                        dims[index] = self._ov.Dimension(size)
+                shapes[port.get_any_name()] = self._ov.PartialShape(dims)
+            model.reshape(shapes)
+            self._models[key] = model
+        return self._models[key]
+
+    def _reshaped_length(self, size: int) -> Any:
+        """The IR with only the bucket's length fixed (the batch as in the IR)."""
         model = self.model.clone()
         axis = self._bucket_axis
         assert axis is not None
-        shapes = {}
-        for port in model.inputs:
-            dims = list(port.get_partial_shape())
-            for name, index in axis.places:
-                if name == port.get_any_name():
-                    dims[index] = self._ov.Dimension(size)
-            shapes[port.get_any_name()] = self._ov.PartialShape(dims)
-        model.reshape(shapes)
+        model.reshape({port.get_any_name(): self._ov.PartialShape(
+            [self._ov.Dimension(size) if (port.get_any_name(), d) in axis.places else dim
+             for d, dim in enumerate(port.get_partial_shape())]) for port in model.inputs})
         return model
+
+    def _slot(self, size: int, batch: int) -> "_Slot":
+        """The compiled bucket for this batch size (compiled on first use)."""
+        slot = self._slots.get((size, batch))
+        if slot is None:
+            slot = self._slots[(size, batch)] = _Slot(
+                self._compile(self.performance_hint, self.streams, self._reshaped(size, batch)))
+        return slot
 
     def _compile(self, hint: str, streams: int | None, model: Any = None):
         properties = compile_properties(precision=self.precision, performance_hint=hint, threads=self.threads,
@@ -208,7 +238,7 @@ class OpenVinoRuntime(Runtime):
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         bucket, length = self.route(inputs) if self.axes else (None, None)
-        slot = self._slots[bucket]
+        slot = self._slots[None] if bucket is None else self._slot(bucket, len(next(iter(inputs.values()))))
         if bucket is not None and length != bucket:
             # Padded into a buffer kept per bucket and batch size and bound once: the copy (a few hundred bytes
             # for a sentence) is redone every call, so an input changed in place is always read as it is now.
@@ -244,7 +274,8 @@ class OpenVinoRuntime(Runtime):
         if bucket is not None and length != bucket:
             inputs = self.padded(inputs, bucket)
         if bucket not in self._offline_by_bucket:
-            compiled = self._compile("throughput", None, self._models.get(bucket) if bucket is not None else None)
+            # The batch is split over the streams' requests below, so this copy keeps the IR's batch dimension.
+            compiled = self._compile("throughput", None, self._reshaped_length(bucket) if bucket is not None else None)
             self._offline_by_bucket[bucket] = (compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._offline = self._offline_by_bucket[bucket]
         compiled, requests = self._offline
@@ -271,7 +302,7 @@ class OpenVinoRuntime(Runtime):
         bucket, length = self.route(inputs) if self.axes else (None, None)
         if bucket is not None and length != bucket:
             inputs = self.padded(inputs, bucket)
-        model = self._models.get(bucket, self.model) if bucket is not None else self.model
+        model = self._reshaped(bucket, len(next(iter(inputs.values())))) if bucket is not None else self.model
         request = self.core.compile_model(model, "CPU", properties).create_infer_request()
         feed = {name: inputs[name] for name in self._names}
         request.infer(feed)  # warm-up
