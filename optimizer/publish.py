@@ -49,7 +49,8 @@ def build_final(artifact: Artifact, stage: dict[str, Any], folder: Path, *, repo
         "manifest_version": MANIFEST_VERSION,
         "form": artifact.form,
         "entry": artifact.entry,
-        "inputs": [spec.model_dump() for spec in artifact.inputs],
+        # An input without dynamic axes is written as before they existed: a manifest of a fixed-shape model is unchanged.
+        "inputs": [spec.model_dump(exclude=None if spec.dynamic else {"dynamic"}) for spec in artifact.inputs],
         "files": {name: digest for name, digest in files.items() if name != METADATA_FILE},
         "artifact_sha256": artifact.sha256,
         "stage": stage["name"],
