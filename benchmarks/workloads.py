@@ -460,10 +460,180 @@ def check_workload(workload: Workload, out: Path) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------ MiniLM at real lengths
+#
+# python benchmarks/workloads.py --workloads minilm-lengths [--trials 3] [--quick]
+#
+# Batch-1 latency of MiniLM INT8 on OpenVINO over the real test snippets, each at the length a user sends:
+#   fixed64-hand    by hand: static export at [1, 64], ov.convert_model, nncf.quantize on the IR (transformer
+#                   preset), every snippet padded to 64
+#   dynamic-hand    by hand: export with dynamic batch and sequence axes, convert, nncf.quantize on the IR with
+#                   calibration snippets at their own lengths, every snippet at its own length: what a careful
+#                   user does
+#   recipe-buckets  recipes/minilm_dynamic_int8_openvino.yaml: dynamic export, NNCF INT8 on ONNX, OpenVINO shape
+#                   buckets chosen from the eval lengths; timed through optimizer.deploy.open_final, as deployed
+# The by-hand paths use the recipe's NNCF settings and calibration count, the same checkpoint, and the same
+# OpenVINO properties (f32 precision hint, 1 stream, --threads threads) as the toolkit. Each variant is timed
+# in a fresh process per trial, in rotating order: one call per snippet over every test snippet in a seeded
+# order (after a warm-up), top-1 from the same calls. Inputs are prepared before timing (padded to 64 for the
+# fixed path); the recipe's padding to a bucket happens inside the timed call.
+
+LENGTHS_RECIPE = "recipes/minilm_dynamic_int8_openvino.yaml"
+LENGTHS_WARMUP = 50
+
+
+def lengths_hand_model(kind: str, folder: Path, *, calibration: int, log: Log) -> Path:
+    """The by-hand NNCF -> OpenVINO INT8 IR of the MiniLM checkpoint: 'fixed64' or 'dynamic'. Reused if present."""
+    xml = folder / kind / "model.xml"
+    if xml.is_file():
+        return xml
+    import nncf
+    import openvino as ov
+    import torch
+    from safetensors.torch import load_file
+
+    from optimizer.examples.minilm_sentiment import minilm_classifier, rotten_tomatoes
+
+    started = time.perf_counter()
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    model = minilm_classifier(pretrained=False).eval()
+    model.load_state_dict(load_file(str(REPO / "checkpoints" / "minilm_sentiment.safetensors")))
+    train = rotten_tomatoes("train", pad="longest" if kind == "dynamic" else "max")
+    index = np.random.default_rng(0).choice(len(train), size=calibration, replace=False)
+    items = [{n: v[None] for n, v in train[int(i)][0].items()} for i in index]
+    example = tuple(torch.from_numpy(np.repeat(items[0][n], 2 if kind == "dynamic" else 1, axis=0))
+                    for n in ("input_ids", "attention_mask"))
+    onnx_path = xml.parent / "model.onnx"
+    if kind == "dynamic":
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=1, max=64)
+        shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    else:
+        shapes = None
+    torch.onnx.export(model, example, str(onnx_path), input_names=["input_ids", "attention_mask"],
+                      output_names=["output"], opset_version=18, dynamo=True, dynamic_shapes=shapes)
+    ir = ov.convert_model(str(onnx_path))
+    quantized = nncf.quantize(ir, nncf.Dataset(items), preset=nncf.QuantizationPreset.PERFORMANCE,
+                              model_type=nncf.ModelType.TRANSFORMER, subset_size=calibration)
+    ov.save_model(quantized, str(xml), compress_to_fp16=False)
+    log(f"  {kind}-hand: built in {time.perf_counter() - started:.0f}s")
+    return xml
+
+
+def lengths_worker(spec_path: Path) -> int:
+    """One timing process: ``python benchmarks/workloads.py --lengths-worker SPEC.json``."""
+    spec = json.loads(spec_path.read_text())
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+
+    test = rotten_tomatoes("test", pad="longest")
+    order = np.random.default_rng(spec["seed"]).permutation(len(test))
+    pad64 = spec["variant"] == "fixed64-hand"
+    feeds = []
+    for i in order:
+        sample = test[int(i)][0]
+        if pad64:  # the fixed path: [PAD] id 0 and mask zeros up to 64, as the tokenizer's padding does
+            sample = {n: np.pad(v, (0, 64 - len(v))) for n, v in sample.items()}
+        feeds.append({n: np.ascontiguousarray(v[None]) for n, v in sample.items()})
+    if spec["variant"] == "recipe-buckets":
+        from optimizer.deploy import open_final
+
+        model = open_final(spec["final"], threads=spec["threads"])
+        call = model.run
+    else:
+        import openvino as ov
+
+        from optimizer.runtimes.openvino_cpu import compile_properties
+
+        core = ov.Core()
+        properties = compile_properties(precision="f32", performance_hint="latency", threads=spec["threads"])
+        request = core.compile_model(core.read_model(spec["xml"]), "CPU", properties).create_infer_request()
+
+        def call(feed: dict[str, np.ndarray]) -> np.ndarray:
+            return request.infer(feed)[0]
+
+    for feed in feeds[:LENGTHS_WARMUP]:
+        call(feed)
+    times = np.empty(len(feeds))
+    predictions = np.empty(len(feeds), dtype=np.int64)
+    clock = time.perf_counter
+    for k, feed in enumerate(feeds):
+        start = clock()
+        out = call(feed)
+        times[k] = clock() - start
+        predictions[k] = int(np.asarray(out).reshape(-1).argmax())
+    correct = predictions == test.labels[order]
+    Path(spec["result"]).write_text(json.dumps({
+        "times_ms": (times * 1e3).tolist(), "accuracy": float(correct.mean()), "n": int(len(correct)),
+        "lengths": [int(f["input_ids"].shape[1]) for f in feeds]}))
+    return 0
+
+
+def minilm_lengths(out: Path, *, trials: int, threads: int, quick: bool, fresh: bool, log: Log) -> tuple[str, dict]:
+    """Build the three variants, time them over the real test snippets, and return the table and figures."""
+    import subprocess
+
+    from optimizer import run_recipe
+
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = read_recipe(LENGTHS_RECIPE)
+    calibration = next(s["with"]["subset_size"] for s in recipe["stages"] if s["pass"] == "quantize.nncf")
+    if quick:
+        calibration = 32
+        recipe["data"]["calibration"]["samples"] = 32
+        for stage in recipe["stages"]:
+            if stage["pass"] == "quantize.nncf":
+                stage["with"]["subset_size"] = 32
+    hand = {kind: str(lengths_hand_model(kind, out / "hand", calibration=calibration, log=log))
+            for kind in ("fixed64", "dynamic")}
+    started = time.perf_counter()
+    report = run_recipe(recipe, out=out / "recipe", quiet=True, resume=not fresh, cache=out / ".stage-cache")
+    log(f"  recipe-buckets: built in {time.perf_counter() - started:.0f}s; buckets "
+        f"{json.loads((report.path / 'final' / 'manifest.json').read_text()).get('buckets', {}).get('sizes')}")
+    variants = {"fixed64-hand": {"xml": hand["fixed64"]}, "dynamic-hand": {"xml": hand["dynamic"]},
+                "recipe-buckets": {"final": str(report.path / "final")}}
+    names = list(variants)
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for trial in range(trials):
+        for name in names[trial % 3:] + names[: trial % 3]:
+            log(f"  latency trial {trial + 1}/{trials}: {name}")
+            spec = {**variants[name], "variant": name, "threads": threads, "seed": trial,
+                    "result": str(out / f"{name}-{trial}.json")}
+            spec_path = out / f"{name}-{trial}-spec.json"
+            spec_path.write_text(json.dumps(spec))
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--lengths-worker", str(spec_path)],
+                           check=True, env=env)
+            results[name].append(json.loads(Path(spec["result"]).read_text()))
+    rows = {}
+    for name in names:
+        pooled = np.concatenate([r["times_ms"] for r in results[name]])
+        rows[name] = {"p50_ms": float(np.median(pooled)), "p90_ms": float(np.percentile(pooled, 90)),
+                      "mean_ms": float(pooled.mean()), "trial_p50_ms": [float(np.median(r["times_ms"])) for r in results[name]],
+                      "accuracy": results[name][0]["accuracy"], "n": results[name][0]["n"]}
+    for name in names:
+        rows[name]["vs_recipe"] = [float(np.median(a["times_ms"]) / np.median(b["times_ms"]))
+                                   for a, b in zip(results[name], results["recipe-buckets"])]
+    lengths = np.array(results["dynamic-hand"][0]["lengths"])
+    lines = [f"### minilm-lengths: MiniLM INT8 on OpenVINO, batch 1 over the {len(lengths)} real test snippets "
+             f"(word pieces: mean {lengths.mean():.0f}, median {np.median(lengths):.0f}, p90 "
+             f"{np.percentile(lengths, 90):.0f}, max {lengths.max()})", "",
+             "| variant | top-1 | p50 ms | p90 ms | mean ms | trial p50s | p50 ÷ recipe (per trial, median) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in names:
+        row = rows[name]
+        lines.append(f"| {name} | {row['accuracy']:.2%} | {row['p50_ms']:.3f} | {row['p90_ms']:.3f} | "
+                     f"{row['mean_ms']:.3f} | {', '.join(f'{v:.3f}' for v in row['trial_p50_ms'])} | "
+                     f"{statistics.median(row['vs_recipe']):.2f}× |")
+    return "\n".join(lines), {"variants": rows, "trials": trials, "threads": threads, "quick": quick}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--lengths-worker":
+        return lengths_worker(Path(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                        help=f"comma-separated, of: {', '.join(w.name for w in WORKLOADS)}")
+                        help=f"comma-separated, of: {', '.join(w.name for w in WORKLOADS)}, and minilm-lengths "
+                             "(MiniLM at the real snippet lengths: fixed 64 and dynamic by hand against the "
+                             "shape-bucketed recipe; run only when named)")
     parser.add_argument("--trials", type=int, default=3, help="latency trials per variant (fresh process each)")
     parser.add_argument("--threads", type=int, default=1, help="threads for every runtime")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_workloads")
@@ -482,7 +652,7 @@ def main(argv: list[str] | None = None) -> int:
 
     by_name = {w.name: w for w in WORKLOADS}
     chosen = [name.strip() for name in args.workloads.split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in by_name]
+    unknown = [name for name in chosen if name not in by_name and name != "minilm-lengths"]
     if unknown:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(by_name)}")
     wanted = {v.strip() for v in args.variants.split(",") if v.strip()} | {"eager", "ort-fp32"}
@@ -501,6 +671,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"environment": environment, "command": command, "quick": args.quick,
                                "trials": args.trials, "threads": args.threads, "workloads": {}}
     for name in chosen:
+        if name == "minilm-lengths":
+            log("minilm-lengths: building 3 variants")
+            text, figures = minilm_lengths(out / name, trials=args.trials, threads=args.threads, quick=args.quick,
+                                           fresh=args.fresh, log=log)
+            print("\n" + text, flush=True)
+            sections.append(text)
+            results["workloads"][name] = figures
+            continue
         workload = by_name[name]
         reason = check_workload(workload, out / name)
         if reason:

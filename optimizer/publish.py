@@ -49,7 +49,8 @@ def build_final(artifact: Artifact, stage: dict[str, Any], folder: Path, *, repo
         "manifest_version": MANIFEST_VERSION,
         "form": artifact.form,
         "entry": artifact.entry,
-        "inputs": [spec.model_dump() for spec in artifact.inputs],
+        # An input without dynamic axes is written as before they existed: a manifest of a fixed-shape model is unchanged.
+        "inputs": [spec.model_dump(exclude=None if spec.dynamic else {"dynamic"}) for spec in artifact.inputs],
         "files": {name: digest for name, digest in files.items() if name != METADATA_FILE},
         "artifact_sha256": artifact.sha256,
         "stage": stage["name"],
@@ -62,6 +63,9 @@ def build_final(artifact: Artifact, stage: dict[str, Any], folder: Path, *, repo
         "environment": report.get("environment"),
         "recipe": report.get("recipe"),
         "lineage": [s.get("sha256") for s in upto],
+        # Shape buckets (compile.openvino): the static lengths the artifact was measured with; optimizer.deploy
+        # routes every input through them, as the measurement did.
+        **({"buckets": artifact.meta["buckets"]} if artifact.meta.get("buckets") else {}),
         **(extra or {}),
     }
     write_text_atomic(folder / MANIFEST_FILE, json.dumps(manifest, indent=2, default=str) + "\n")

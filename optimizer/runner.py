@@ -430,7 +430,9 @@ class Runner:
             work = staging / ".work"
             work.mkdir(parents=True, exist_ok=True)
             path = work / "eval.npz"
-            np.savez(path, __labels__=eval_data.labels, **eval_data.inputs)
+            # Each sample's own length on every dynamic axis travels along: the worker cuts batches to them.
+            lengths = {f"__length__{name}": own for name, own in eval_data.lengths.items()}
+            np.savez(path, __labels__=eval_data.labels, **lengths, **eval_data.inputs)
             self._eval_npz = path
         return self._eval_npz
 

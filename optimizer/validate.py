@@ -99,6 +99,9 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
         if not callable(import_object(model.factory, where="model.factory")):
             raise RecipeError(f"model.factory: '{model.factory}' is not callable")
         checks.append(Check("factory", model.factory))
+        limit = check_position_limit(model)
+        if limit is not None:
+            checks.append(Check("dynamic axes", limit))
     elif model.factory is not None:
         raise RecipeError(f"model.factory: not used with a {model.source_kind} checkpoint; remove it")
 
@@ -132,6 +135,13 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
             if earlier[ref] != "torch":
                 raise RecipeError(f"stages.{index} ({stage.name}): '@{ref}' is a {earlier[ref]} model; "
                                   "this pass needs a torch stage")
+        # A pass may check its settings against the model's inputs (compile.openvino's shape buckets).
+        check_inputs = getattr(instance, "check_inputs", None)
+        if callable(check_inputs):
+            try:
+                check_inputs(list(model.inputs))
+            except ValueError as exc:
+                raise RecipeError(f"stages.{index} ({stage.name}): {exc}") from None
         form = pass_cls.output_form_for(form)
         chain.append(form)
         for need in instance.required_data():
@@ -168,6 +178,40 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
                 )
         checks.append(Check("output", str(out)))
     return checks
+
+
+def position_limit(module: Any) -> tuple[int, str] | None:
+    """The longest sequence a model's position table holds, and where it was read: a ``max_positions`` attribute
+    of the model, or a Hugging Face config's ``max_position_embeddings`` (the smallest one found)."""
+    found: list[tuple[int, str]] = []
+    own = getattr(module, "max_positions", None)
+    if isinstance(own, int):
+        found.append((own, "max_positions"))
+    for name, sub in module.named_modules():
+        value = getattr(getattr(sub, "config", None), "max_position_embeddings", None)
+        if isinstance(value, int):
+            found.append((value, f"{name + '.' if name else ''}config.max_position_embeddings"))
+    return min(found) if found else None
+
+
+def check_position_limit(model: Any) -> str | None:
+    """A dynamic axis of a token input (integer dtype) may not go past the model's position table: the exported
+    graph would index beyond it. Builds the architecture (no weights), only when such an axis is declared."""
+    token_axes = [(i, spec, axis, dyn) for i, spec in enumerate(model.inputs) for axis, dyn in spec.dynamic.items()
+                  if not spec.dtype.startswith("float")]
+    if not token_axes:
+        return None
+    from optimizer.models import build_architecture
+
+    limit = position_limit(build_architecture(model.factory, dict(model.kwargs)))
+    if limit is None:
+        return f"{len(token_axes)} dynamic token axes; the model declares no position table"
+    size, where = limit
+    for i, spec, axis, dyn in token_axes:
+        if dyn.max > size:
+            raise RecipeError(f"model.inputs.{i}.dynamic.{axis}.max: {dyn.max} is beyond the model's position table "
+                              f"of {size} positions ({where}); lower '{dyn.name}' max to {size} or less")
+    return f"within the position table of {size} ({where})"
 
 
 def validate_path(path: str | Path, overrides: list[str] | None = None) -> list[Check]:

@@ -7,7 +7,7 @@ runs of one recipe see the same samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from optimizer.recipe import (
     NpzData,
     PythonData,
 )
+from optimizer.shapes import LengthAxis, length_axes, trim
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -33,12 +34,17 @@ class ArrayData:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
+    # Dynamic axes (by symbolic name) and each sample's own length on them. The arrays hold every sample
+    # padded to the longest; a batch is cut to the longest sample in it ("padded to the longest in a batch").
+    axes: dict[str, LengthAxis] = field(default_factory=dict)
+    lengths: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {name: array[start:stop] for name, array in self.inputs.items()}
+        batch = {name: array[start:stop] for name, array in self.inputs.items()}
+        return trim(batch, self.axes, {name: own[start:stop] for name, own in self.lengths.items()})
 
     def batches(self, batch_size: int):
         for start in range(0, len(self), batch_size):
@@ -198,7 +204,10 @@ def _prepare_npz_images(x: np.ndarray, spec: NpzData, *, where: str) -> np.ndarr
     return _normalize(_resize_crop(x, spec), spec, where=where)
 
 
-def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *, where: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *,
+                        where: str) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """Inputs (samples of different sizes padded with zeros to the largest), labels, each sample's own shape per
+    input (``[n, ndim]``) and the data set's index of each sample."""
     from optimizer.registry import import_object
 
     factory = import_object(spec.dataset.removeprefix("python:"), where=where)
@@ -211,6 +220,7 @@ def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *, 
         raise InputRejected(f"{where}: {spec.dataset} returned an object without len(); return a map-style Dataset") from None
     index = draw_indices(total, spec.samples, seed, where=where)
     columns: dict[str, list[np.ndarray]] = {name: [] for name in input_names}
+    own_shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name in input_names}
     labels = []
     for i in index:
         item = dataset[int(i)]
@@ -222,13 +232,32 @@ def load_python_dataset(spec: PythonData, seed: int, input_names: list[str], *, 
             if name not in parts:
                 raise InputRejected(f"{where}: dataset item has no input '{name}'")
             columns[name].append(_to_numpy(parts[name]))
+            own_shapes[name].append(columns[name][-1].shape)
         labels.append(_to_numpy(y))
     try:
         stacked = np.stack(labels)
     except ValueError:
         raise InputRejected(f"{where}: {spec.dataset} labels differ in shape; give every sample a label of one "
                             "shape") from None
-    return {name: np.stack(values) for name, values in columns.items()}, label_array(stacked, where=where)
+    sizes = {name: np.asarray(shapes, dtype=np.int64).reshape(len(index), -1) for name, shapes in own_shapes.items()}
+    return ({name: _stack_padded(values, name, index, where=where) for name, values in columns.items()},
+            label_array(stacked, where=where), sizes, index)
+
+
+def _stack_padded(values: list[np.ndarray], name: str, index: np.ndarray, *, where: str) -> np.ndarray:
+    """Stack samples; samples of different sizes (a tokenizer that pads each to its own length) are padded
+    with zeros at the end of each axis to the largest, and their own sizes recovered by sample_lengths."""
+    shapes = {v.shape for v in values}
+    if len(shapes) == 1:
+        return np.stack(values)
+    if len({len(s) for s in shapes}) > 1:
+        raise InputRejected(f"{where}: input '{name}' has samples with different numbers of dimensions "
+                            f"(sample {int(index[0])}: {list(values[0].shape)})")
+    size = tuple(max(s[d] for s in shapes) for d in range(len(next(iter(shapes)))))
+    out = np.zeros((len(values), *size), dtype=np.result_type(*values))
+    for row, value in enumerate(values):
+        out[(row, *(slice(0, n) for n in value.shape))] = value
+    return out
 
 
 def label_array(labels: np.ndarray, *, where: str) -> np.ndarray:
@@ -253,6 +282,8 @@ def _to_numpy(value: Any) -> np.ndarray:
 def load_dataset(spec: Any, *, inputs: list[InputSpec], base_dir: Path, seed: int, where: str) -> ArrayData:
     """Load a recipe data entry and check it against the model's input spec."""
     names = [spec_.name for spec_ in inputs]
+    sizes: dict[str, np.ndarray] = {}
+    index: np.ndarray | None = None
     if isinstance(spec, FashionMnistData):
         x, y = load_fashion_mnist_split(spec, base_dir, seed, where=where)
         arrays = {names[0]: x}
@@ -262,20 +293,56 @@ def load_dataset(spec: Any, *, inputs: list[InputSpec], base_dir: Path, seed: in
     elif isinstance(spec, NpzData):
         arrays, y = load_npz(spec, base_dir, seed, names, where=where)
     elif isinstance(spec, PythonData):
-        arrays, y = load_python_dataset(spec, seed, names, where=where)
+        arrays, y, sizes, index = load_python_dataset(spec, seed, names, where=where)
     else:  # pragma: no cover - the recipe schema admits no other kind
         raise RecipeError(f"{where}: unsupported dataset {spec!r}")
     if len(arrays) != len(inputs) or set(arrays) != set(names):
         raise InputRejected(f"{where}: data provides inputs {sorted(arrays)}, the model expects {names}")
     for spec_ in inputs:
         check_against_spec(arrays[spec_.name], spec_, where=where)
-    return ArrayData(inputs={n: arrays[n] for n in names}, labels=y)
+    axes = length_axes(inputs)
+    lengths = sample_lengths(arrays, axes, sizes, index, where=where)
+    return ArrayData(inputs={n: arrays[n] for n in names}, labels=y, axes=axes, lengths=lengths)
+
+
+def sample_lengths(arrays: dict[str, np.ndarray], axes: dict[str, LengthAxis], sizes: dict[str, np.ndarray],
+                   index: np.ndarray | None, *, where: str) -> dict[str, np.ndarray]:
+    """Each sample's own length on every dynamic axis, checked against the axis's bounds (exit 3, naming the
+    sample). Samples stored at one size (an npz, a tokenizer that pads to a fixed length) all have that size."""
+    lengths: dict[str, np.ndarray] = {}
+    for name, axis in axes.items():
+        found: np.ndarray | None = None
+        for input_name, dim in axis.places:
+            own = (sizes[input_name][:, dim - 1] if input_name in sizes  # per-sample shapes have no batch axis
+                   else np.full(len(arrays[input_name]), arrays[input_name].shape[dim], dtype=np.int64))
+            if found is not None and not np.array_equal(found, own):
+                bad = int(np.flatnonzero(found != own)[0])
+                raise InputRejected(f"{where}: sample {_sample_id(index, bad)} has length {int(found[bad])} in one input "
+                                    f"and {int(own[bad])} in '{input_name}', which share the dynamic axis '{name}'")
+            found = own
+        assert found is not None
+        outside = np.flatnonzero((found < axis.min) | (found > axis.max))
+        if len(outside):
+            bad = int(outside[0])
+            raise InputRejected(f"{where}: sample {_sample_id(index, bad)} has length {int(found[bad])} on dynamic axis "
+                                f"'{name}', outside the declared bounds {axis.min}..{axis.max} ({len(outside)} such "
+                                "samples); truncate the data or widen model.inputs[].dynamic")
+        lengths[name] = found
+    return lengths
+
+
+def _sample_id(index: np.ndarray | None, position: int) -> int:
+    """The data set's own index of a loaded sample (a drawn subset keeps the data set's numbering)."""
+    return int(index[position]) if index is not None else position
 
 
 def check_against_spec(array: np.ndarray, spec: InputSpec, *, where: str) -> None:
     """Refuse data whose per-sample shape or dtype differs from the model's input spec."""
+    # A dynamic axis may have any size; its bounds are checked per sample (sample_lengths).
     expected = tuple(spec.shape[1:])
     received = tuple(array.shape[1:])
+    if spec.dynamic and len(received) == len(expected):
+        expected = tuple(received[d - 1] if d in spec.dynamic else n for d, n in enumerate(spec.shape[1:], start=1))
     if received != expected:
         hint = ""
         if len(expected) == 3 and received == (expected[1], expected[2], expected[0]):

@@ -234,7 +234,10 @@ class RottenTomatoes:
     """
 
     def __init__(self, split: Literal["train", "test"] = "test", *, max_length: int = DEFAULT_MAX_LENGTH,
-                 seed: int = 0, test_fraction: float = TEST_FRACTION, path: str | Path | None = None) -> None:
+                 seed: int = 0, test_fraction: float = TEST_FRACTION, path: str | Path | None = None,
+                 pad: Literal["max", "longest"] = "max") -> None:
+        if pad not in ("max", "longest"):
+            raise ValueError(f"rotten_tomatoes: pad must be 'max' or 'longest', not {pad!r}")
         if not 2 <= max_length <= 512:  # 512: the encoder's position table; 2: room for [CLS] and [SEP]
             raise ValueError(f"rotten_tomatoes: max_length must be in 2..512, not {max_length}")
         texts, labels = read_reviews(Path(path).expanduser() if path is not None else None)
@@ -243,13 +246,20 @@ class RottenTomatoes:
         self.max_length = max_length
         self.texts: list[str] = [texts[i] for i in index]
         self.labels: np.ndarray = labels[index]
+        self.pad = pad
+        # Tokenized once, padded to max_length (truncated beyond it); each snippet's own length is its count
+        # of real word pieces, [CLS] and [SEP] included (the [PAD] after them are the mask's zeros).
         self.input_ids, self.attention_mask = tokenize(self.texts, max_length)
+        self.lengths: np.ndarray = self.attention_mask.sum(1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[dict[str, np.ndarray], np.int64]:
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}, self.labels[i]
+        # pad "longest": each sample at its own length; a batch is then padded to its longest sample (the
+        # toolkit's loader pads with zeros: the [PAD] id and the mask's zeros).
+        end = int(self.lengths[i]) if self.pad == "longest" else self.max_length
+        return {"input_ids": self.input_ids[i, :end], "attention_mask": self.attention_mask[i, :end]}, self.labels[i]
 
     @property
     def arrays(self) -> dict[str, np.ndarray]:
@@ -257,13 +267,17 @@ class RottenTomatoes:
 
 
 def rotten_tomatoes(split: Literal["train", "test"] = "test", max_length: int = DEFAULT_MAX_LENGTH, seed: int = 0,
-                    test_fraction: float = TEST_FRACTION, path: str | None = None) -> RottenTomatoes:
+                    test_fraction: float = TEST_FRACTION, path: str | None = None,
+                    pad: Literal["max", "longest"] = "max") -> RottenTomatoes:
     """The recipe entry point: ``dataset: python:optimizer.examples.minilm_sentiment:rotten_tomatoes``.
+
+    ``pad``: ``max`` gives every snippet ``max_length`` word pieces (a fixed-shape model); ``longest`` gives each
+    its own length, so a batch is padded only to its longest snippet (a model with a dynamic sequence axis).
 
     ``seed`` fixes the train/test partition (it is not the recipe's ``seed``, which draws ``samples``
     subsets); keep it, ``test_fraction`` and ``max_length`` equal to what the checkpoint was trained with.
     """
-    return RottenTomatoes(split, max_length=max_length, seed=seed, test_fraction=test_fraction, path=path)
+    return RottenTomatoes(split, max_length=max_length, seed=seed, test_fraction=test_fraction, path=path, pad=pad)
 
 
 # ----------------------------------------------------------------------------------------------- model

@@ -140,7 +140,7 @@ def throwaway_artifact(artifact: Artifact, timing: DeployTiming, folder: Path, s
     ov_cfg = CompileOpenVinoConfig.model_validate(timing.openvino)
     ir_dir = folder / "openvino"
     ir_dir.mkdir()
-    convert_to_ir(ov, exported.entry_path, ir_dir / "model.xml", ov_cfg)
+    convert_to_ir(ov, exported.entry_path, ir_dir / "model.xml", ov_cfg, list(artifact.inputs))
     return Artifact("openvino", ir_dir, "model.xml", list(artifact.inputs),
                     meta={"runtime": runtime_meta(ov_cfg), "openvino": ov.get_version(), "source_quantized": False},
                     lineage=lineage, facts=facts).finalize()

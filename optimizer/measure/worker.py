@@ -26,11 +26,26 @@ def _progress(phase: str, fraction: float) -> None:
     print(f"@@progress {phase} {fraction:.3f}", flush=True)
 
 
-def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> dict[str, np.ndarray]:
-    """Real eval samples chosen by seed, tiled if the set is smaller; contiguous and in memory."""
+# Dynamic axes of the artifact and each eval sample's own length on them (from the .npz); empty for fixed shapes.
+_LENGTHS: dict = {"axes": {}, "lengths": {}}
+
+
+def _cut(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    """A batch cut to its longest sample on every dynamic axis (samples are stored padded to the longest)."""
+    from optimizer.shapes import trim
+
+    if not _LENGTHS["lengths"]:
+        return batch
+    return trim(batch, _LENGTHS["axes"], {name: own[index] for name, own in _LENGTHS["lengths"].items()})
+
+
+def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int, cut: bool = True) -> dict[str, np.ndarray]:
+    """Real eval samples chosen by seed, tiled if the set is smaller; contiguous and in memory; cut to their
+    longest on the dynamic axes unless ``cut`` is off (a shape sweep's inputs are already at their size)."""
     n = len(next(iter(inputs.values())))
     index = np.random.default_rng(seed).choice(n, size=batch_size, replace=batch_size > n)
-    return {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
+    batch = {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
+    return _cut(batch, index) if cut else batch
 
 
 # Distinct batches cycled when a batch of several eval samples is timed (each one a copy): enough to vary the
@@ -38,7 +53,8 @@ def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> d
 EVAL_POOL_BATCHES = 256
 
 
-def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> tuple[Callable[[], dict], int]:
+def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int,
+              cut: bool = True) -> tuple[Callable[[], dict], int]:
     """Real eval samples for timing, round-robin in a seeded order: (next batch, number of distinct samples).
 
     At batch 1 every eval sample takes its turn, as views into the eval arrays (no copy: the timed call only
@@ -47,19 +63,23 @@ def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int) -> tupl
     """
     n = len(next(iter(inputs.values())))
     order = np.random.default_rng(seed).permutation(n)
+    # Each batch cut to its longest sample on the dynamic axes: samples of varied length are timed at their own
+    # (``cut``; a shape sweep's inputs are already at the size it measures).
+    trim = _cut if cut else (lambda batch, index: batch)
     if batch_size == 1:
-        pool = [{name: array[i : i + 1] for name, array in inputs.items()} for i in order]
+        pool = [trim({name: array[i : i + 1] for name, array in inputs.items()}, slice(i, i + 1)) for i in order]
     else:
         groups = max(1, min(EVAL_POOL_BATCHES, n // batch_size))
         take = np.resize(order, groups * batch_size).reshape(groups, batch_size)
-        pool = [{name: np.ascontiguousarray(array[index]) for name, array in inputs.items()} for index in take]
+        pool = [trim({name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}, index)
+                for index in take]
     cycle = itertools.cycle(pool)
     return (lambda: next(cycle)), min(n, len(pool) * batch_size)
 
 
 def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size: int, seed: int,
                  on_progress: Callable[[float], None] | None = None, *, plan=None,
-                 trials: int | None = None) -> tuple[dict, np.ndarray]:
+                 trials: int | None = None, cut: bool = True) -> tuple[dict, np.ndarray]:
     """Single-stream latency under the recipe's plan (or ``plan``), on one fixed batch or (``inputs: eval``) on
     the eval samples in turn, so the percentiles are over the inputs users send rather than over one of them."""
     from optimizer.measure.latency import TimingPlan, time_trials
@@ -67,11 +87,11 @@ def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size:
     plan = plan or TimingPlan.from_spec(spec)
     trials = trials or int(spec.get("trials", 1))
     if spec.get("inputs", "fixed") == "eval":
-        feed, distinct = eval_feed(inputs, batch_size, seed)
+        feed, distinct = eval_feed(inputs, batch_size, seed, cut)
         latency, raw_ms = time_trials(lambda: runtime.run(feed()), plan, trials, on_progress)
         latency.update({"inputs": "eval", "input_samples": distinct})
     else:
-        batch = _fixed_batch(inputs, batch_size, seed)
+        batch = _fixed_batch(inputs, batch_size, seed, cut)
         latency, raw_ms = time_trials(lambda: runtime.run(batch), plan, trials, on_progress)
         latency["inputs"] = "fixed"
     latency["batch_size"] = batch_size
@@ -89,6 +109,12 @@ def measure(request: dict) -> dict:
     with np.load(request["eval_npz"], allow_pickle=False) as archive:
         labels = archive["__labels__"]
         inputs = {spec.name: archive[spec.name] for spec in artifact.inputs}
+        from optimizer.shapes import length_axes
+
+        axes = length_axes(artifact.inputs)
+        _LENGTHS["axes"] = axes
+        _LENGTHS["lengths"] = {name: archive[f"__length__{name}"] for name in axes
+                               if f"__length__{name}" in archive.files}
 
     start = time.perf_counter()
     runtime = open_runtime(artifact, threads=request["threads"], options=request.get("runtime_options"))
@@ -188,7 +214,7 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
 
     metric = m.Metric.from_settings(request.get("metric"))
     predictions, outputs, non_finite = _predict(runtime, inputs, len(labels), fixed or request["accuracy_batch_size"],
-                                                fixed, metric, "accuracy")
+                                                fixed, metric, "accuracy", cut=True)
     np.save(request["predictions_npy"], predictions)
 
     is_baseline = bool(request.get("is_baseline"))
@@ -215,11 +241,12 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
 
 
 def _predict(runtime, inputs: dict[str, np.ndarray], count_all: int, batch_size: int, fixed: int | None, metric,
-             phase: str) -> tuple[np.ndarray, np.ndarray | None, int]:
+             phase: str, *, cut: bool = False) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Run every sample in batches: (arg-max per sample, what the metric keeps of the outputs, non-finite count).
 
     A model with a fixed batch gets its last partial batch padded with repeated samples, the padding's outputs
-    dropped."""
+    dropped. ``cut``: the inputs are the eval set as stored, so each batch is cut to its longest sample on the
+    dynamic axes (a sweep's inputs are already at the size being measured)."""
     from optimizer.measure import metrics as m
 
     predictions = np.empty(count_all, dtype=np.int64)
@@ -227,6 +254,8 @@ def _predict(runtime, inputs: dict[str, np.ndarray], count_all: int, batch_size:
     non_finite = 0
     for start_index in range(0, count_all, batch_size):
         batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
+        if cut:
+            batch = _cut(batch, slice(start_index, start_index + batch_size))
         count = len(next(iter(batch.values())))
         if fixed and count < fixed:
             batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
@@ -275,7 +304,7 @@ def _shape_sweep(runtime, request: dict, batch_size: int, fixed: int | None, *, 
                 entry["batchnorm"] = batchnorm
             if timed:
                 summary, _ = time_latency(runtime, arrays, request["latency"], batch_size, int(request["seed"]) + 3,
-                                          plan=plan, trials=1)
+                                          plan=plan, trials=1, cut=False)
                 entry.update({key: summary[key] for key in ("p50_ms", "p50_ci95_ms", "p90_ms", "iterations",
                                                             "unstable", "inputs")})
         except Exception as exc:  # a runtime's refusal comes in its own exception types

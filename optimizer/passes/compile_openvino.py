@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from optimizer.artifact import Artifact
-from optimizer.errors import GateFailed, StageError, first_line
+from optimizer.errors import GateFailed, RecipeError, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.output_agreement import check_cosine, gates_on_classes, min_cosine_field, record_cosine
+from optimizer.recipe import InputSpec
 
 
 class CompileOpenVinoConfig(PassConfig):
@@ -33,6 +35,17 @@ class CompileOpenVinoConfig(PassConfig):
         default=None, ge=1, description="Fix the batch dimension (a static shape compiles to slightly faster code); "
         "unset keeps the ONNX model's dynamic batch."
     )
+    buckets: list[int] | Literal["auto"] | None = Field(
+        default=None, description="Shape buckets for a model with a dynamic length (model.inputs[].dynamic, one "
+        "symbolic name): static-shape models compiled from the one IR, each input padded to the smallest bucket "
+        "that holds it (OpenVINO runs a static shape much faster than a dynamic one). A list of lengths whose "
+        "largest is the axis's max, or 'auto': auto_buckets lengths chosen from the eval data's lengths to "
+        "minimize the padded length. Unset: one model with bounded dynamic dimensions. The model must give the "
+        "same result padded (pad_values), which the fidelity check verifies sample by sample.")
+    auto_buckets: int = Field(default=4, ge=1, le=16, description="How many buckets 'buckets: auto' chooses.")
+    pad_values: dict[str, float] = Field(
+        default_factory=dict, description="Value each input is padded with up to its bucket, by input name; "
+        "default 0 (a tokenizer's [PAD] id 0 and mask zeros).")
     verify_samples: int = Field(default=512, ge=1, description="Eval samples compared between onnxruntime and OpenVINO.")
     atol: float = Field(default=1e-3, ge=0, description="Absolute tolerance (f32 on a float model only).")
     rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance (f32 on a float model only).")
@@ -52,14 +65,62 @@ def is_quantized(model_path) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in model.graph.node)
 
 
-def convert_to_ir(ov: Any, onnx_path: Path, xml: Path, cfg: CompileOpenVinoConfig) -> None:
-    """ONNX file -> IR (.xml + .bin) with the pass's batch and weight settings; raises what OpenVINO raises.
+def check_buckets(cfg: CompileOpenVinoConfig, inputs: list[InputSpec]) -> None:
+    """Static checks of the bucket settings against the model's inputs (ValueError, reported at validation)."""
+    from optimizer.shapes import length_axes
+
+    axes = length_axes(inputs)
+    names = {spec.name for spec in inputs}
+    unknown = sorted(set(cfg.pad_values) - names)
+    if unknown:
+        raise ValueError(f"pad_values names {unknown[0]!r}, which is not a model input ({', '.join(sorted(names))})")
+    if cfg.buckets is None:
+        return
+    if len(axes) != 1:
+        raise ValueError(f"buckets need exactly one dynamic length (model.inputs[].dynamic), the model declares "
+                         f"{len(axes)}" + (f" ({', '.join(axes)})" if axes else "; declare e.g. {1: {name: seq, "
+                                                                                 "min: 1, max: 128}}"))
+    axis = next(iter(axes.values()))
+    if isinstance(cfg.buckets, list):
+        if not cfg.buckets:
+            raise ValueError("buckets is empty; list lengths or write 'auto'")
+        outside = [b for b in cfg.buckets if not axis.min <= b <= axis.max]
+        if outside:
+            raise ValueError(f"bucket {outside[0]} is outside the bounds {axis.min}..{axis.max} of '{axis.name}'")
+        if max(cfg.buckets) != axis.max:
+            raise ValueError(f"the largest bucket is {max(cfg.buckets)} but '{axis.name}' goes up to {axis.max}; "
+                             f"add {axis.max} so that every length within the bounds has a bucket")
+
+
+def bounded_shapes(ov: Any, model: Any, inputs: list[InputSpec], batch: int | None) -> dict[str, Any] | None:
+    """Partial shapes for the IR's inputs: the batch fixed or left dynamic, each declared dynamic axis bounded
+    (ov.Dimension(min, max)) so that OpenVINO refuses other lengths and plans memory for the largest."""
+    specs = {spec.name: spec for spec in inputs}
+    shapes: dict[str, Any] = {}
+    for port in model.inputs:
+        name = port.get_any_name()
+        dims = list(port.get_partial_shape())
+        spec = specs.get(name)
+        if batch is not None:
+            dims[0] = ov.Dimension(batch)
+        for axis, dyn in (spec.dynamic.items() if spec is not None else ()):
+            if int(axis) < len(dims):
+                dims[int(axis)] = ov.Dimension(dyn.min, dyn.max)
+        shapes[name] = ov.PartialShape(dims)
+    changed = batch is not None or any(spec.dynamic for spec in inputs)
+    return shapes if changed else None
+
+
+def convert_to_ir(ov: Any, onnx_path: Path, xml: Path, cfg: CompileOpenVinoConfig,
+                  inputs: list[InputSpec] | None = None) -> None:
+    """ONNX file -> IR (.xml + .bin) with the pass's batch and weight settings, and the inputs' dynamic axes
+    bounded; raises what OpenVINO raises.
 
     Shared with the latency measurement, which converts throwaway exports of torch stages the same way."""
     model = ov.convert_model(str(onnx_path))
-    if cfg.batch is not None:
-        model.reshape({port.get_any_name(): [cfg.batch, *list(port.get_partial_shape())[1:]]
-                       for port in model.inputs})
+    shapes = bounded_shapes(ov, model, inputs or [], cfg.batch)
+    if shapes is not None:
+        model.reshape(shapes)
     # save_model compresses weights to FP16 unless told not to: always pass the choice explicitly.
     ov.save_model(model, str(xml), compress_to_fp16=cfg.compress_to_fp16)
 
@@ -78,6 +139,10 @@ class CompileOpenVino(Pass):
     needs = ("eval",)
     Config = CompileOpenVinoConfig
 
+    def check_inputs(self, inputs: list[InputSpec]) -> None:
+        """Called by validation with the model's inputs: bucket settings that cannot work fail before a run."""
+        check_buckets(self.config, inputs)  # type: ignore[arg-type]
+
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from optimizer.models import check_onnx_external_data
         from optimizer.passes.export_onnx import compare_outputs
@@ -91,7 +156,7 @@ class CompileOpenVino(Pass):
         quantized = is_quantized(artifact.entry_path)
         ctx.progress.update("converting ONNX to OpenVINO IR")
         try:
-            convert_to_ir(ov, artifact.entry_path, ctx.work_dir / "model.xml", cfg)
+            convert_to_ir(ov, artifact.entry_path, ctx.work_dir / "model.xml", cfg, artifact.inputs)
         except Exception as exc:  # conversion errors come in several types; name the stage and the cause
             raise StageError(f"stage '{ctx.stage}': OpenVINO could not convert {artifact.entry_path.name}: "
                              f"{first_line(exc, 300)}") from exc
@@ -105,14 +170,26 @@ class CompileOpenVino(Pass):
             "openvino": ov.get_version(),
             "source_quantized": quantized,
         }
+        buckets = self._buckets(artifact, ctx, cfg)
+        if buckets is not None:
+            meta["buckets"] = buckets
         result = self.new_artifact(artifact, ctx, entry="model.xml", meta=meta, facts=facts)
 
         ctx.progress.update("verifying against onnxruntime")
         eval_data = ctx.data.eval()
-        samples = eval_data.batch(0, min(cfg.verify_samples, len(eval_data)))
-        reference = OnnxRuntime(artifact, threads=ctx.threads).run_batched(samples, 64)
+        count = min(cfg.verify_samples, len(eval_data))
         candidate_runtime = OpenVinoRuntime(result, threads=ctx.threads)
-        candidate = candidate_runtime.run_batched(samples, 64)
+        if eval_data.axes:
+            # One sample at a time at its own length: every bucket is exercised and, since onnxruntime runs the
+            # unpadded input, the model's invariance to the bucket's padding is checked too.
+            singles = [eval_data.batch(i, i + 1) for i in range(count)]
+            reference_runtime = OnnxRuntime(artifact, threads=ctx.threads)
+            reference = np.concatenate([reference_runtime.run(one) for one in singles])
+            candidate = np.concatenate([candidate_runtime.run(one) for one in singles])
+        else:
+            samples = eval_data.batch(0, count)
+            reference = OnnxRuntime(artifact, threads=ctx.threads).run_batched(samples, 64)
+            candidate = candidate_runtime.run_batched(samples, 64)
         ctx.details["openvino"] = candidate_runtime.settings()
         if reference.shape != candidate.shape:
             raise GateFailed(f"stage '{ctx.stage}': OpenVINO output shape {candidate.shape} differs from "
@@ -140,3 +217,22 @@ class CompileOpenVino(Pass):
                 f"{cfg.min_top1_agreement:.0%}); try precision_hint f32 or lower min_top1_agreement"
             )
         return result
+
+    def _buckets(self, artifact: Artifact, ctx: PassContext, cfg: CompileOpenVinoConfig) -> dict[str, Any] | None:
+        """The bucket sizes (chosen from the eval data's lengths for 'auto') and how inputs are padded to them."""
+        from optimizer.shapes import auto_buckets, length_axes
+
+        if cfg.buckets is None:
+            return None
+        try:
+            check_buckets(cfg, artifact.inputs)
+        except ValueError as exc:
+            raise RecipeError(f"stage '{ctx.stage}': {exc}") from None
+        axis = next(iter(length_axes(artifact.inputs).values()))
+        if cfg.buckets == "auto":
+            sizes = auto_buckets(ctx.data.eval().lengths[axis.name], cfg.auto_buckets, axis.max)
+        else:
+            sizes = sorted(set(cfg.buckets))
+        return {"axis": axis.name, "sizes": sizes, "chosen": "auto" if cfg.buckets == "auto" else "listed",
+                "inputs": {name: dim for name, dim in axis.places},
+                "pad_values": {spec.name: cfg.pad_values.get(spec.name, 0) for spec in artifact.inputs}}

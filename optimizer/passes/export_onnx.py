@@ -14,6 +14,7 @@ from optimizer.errors import GateFailed, StageError, first_line
 from optimizer.passes.base import Pass, PassConfig, PassContext
 from optimizer.passes.onnx_io import EXTERNAL_DATA_BYTES
 from optimizer.passes.output_agreement import gates_on_classes, record_cosine
+from optimizer.shapes import LengthAxis, length_axes
 
 # The dynamo exporter emits opset 18 and newer; the TorchScript exporter goes down to 9.
 MIN_OPSET = {"dynamo": 18, "torchscript": 9}
@@ -41,6 +42,11 @@ class ExportOnnxConfig(PassConfig):
     dynamic_batch: bool = Field(default=True, description="Make the first dimension of every input dynamic.")
     output_name: str = Field(default="output", description="Name of the model output.")
     verify_samples: int = Field(default=256, ge=1, description="Eval samples compared between torch and ONNX.")
+    verify_lengths: list[int] | None = Field(
+        default=None, description="With dynamic axes (model.inputs[].dynamic): the lengths at which the export is "
+        "also compared with PyTorch, each on a few eval samples padded or cut to it. Unset: 8, 16, 32, 64, 128, "
+        "256, 512 within the bounds, and both bounds.")
+    verify_length_samples: int = Field(default=4, ge=1, description="Eval samples compared at each verify length.")
     atol: float = Field(default=1e-4, ge=0, description="Absolute tolerance of the comparison.")
     rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance of the comparison.")
 
@@ -90,24 +96,75 @@ def export_module(module: Any, artifact: Artifact, samples: dict[str, np.ndarray
     example_batch = 2 if cfg.dynamic_batch else artifact.inputs[0].shape[0]
     example = tuple(torch.from_numpy(samples[name][:example_batch]) for name in names)
     external = sum(p.numel() * p.element_size() for p in module.parameters()) > EXTERNAL_DATA_BYTES
+    # Declared dynamic axes become symbolic dimensions; one Dim object (or one name) per symbolic name, so
+    # inputs that share it are one length in the graph (the ids and the mask of a Transformer).
+    declared = {spec.name: dict(spec.dynamic) for spec in artifact.inputs}
     if cfg.exporter == "dynamo":
         batch = torch.export.Dim("batch")
-        dynamic = tuple({0: batch} for _ in names) if cfg.dynamic_batch else None
+        dims = {dyn.name: torch.export.Dim(dyn.name, min=dyn.min, max=dyn.max)
+                for spec in artifact.inputs for dyn in spec.dynamic.values()}
+        per_input = [{**({0: batch} if cfg.dynamic_batch else {}),
+                      **{int(axis): dims[dyn.name] for axis, dyn in declared[name].items()}} for name in names]
+        dynamic = tuple(axes or None for axes in per_input) if any(per_input) else None
         with warnings.catch_warnings():
-            # Several inputs share the one batch dimension (MiniLM's ids and mask): the exporter
+            # Several inputs share the batch (and any shared dynamic) dimension (MiniLM's ids and mask): the exporter
             # keeps one name for it and warns that the others are unused, which is what we want.
-            warnings.filterwarnings("ignore", message=r".*axis name: batch will not be used")
+            warnings.filterwarnings("ignore", message=r".*axis name: \w+ will not be used")
             torch.onnx.export(
                 module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
                 opset_version=cfg.opset, dynamo=True, dynamic_shapes=dynamic, external_data=external,
                 verbose=False,
             )
     else:
-        axes = {name: {0: "batch"} for name in [*names, cfg.output_name]} if cfg.dynamic_batch else None
+        axes: dict[str, dict[int, str]] | None = {
+            name: {**({0: "batch"} if cfg.dynamic_batch else {}),
+                   **{int(axis): dyn.name for axis, dyn in declared.get(name, {}).items()}}
+            for name in [*names, cfg.output_name]}
+        axes = {name: dims for name, dims in axes.items() if dims} or None
         torch.onnx.export(
             module, example, str(out_path), input_names=names, output_names=[cfg.output_name],
             opset_version=cfg.opset, dynamo=False, dynamic_axes=axes,
         )
+
+
+def default_verify_lengths(low: int, high: int) -> list[int]:
+    """The lengths an export with a dynamic axis is checked at: powers of two from 8 within the bounds, and both
+    bounds (a graph specialized to the traced length fails at the others)."""
+    return sorted({low, high} | {n for n in (8, 16, 32, 64, 128, 256, 512) if low <= n <= high})
+
+
+def fit_length(batch: dict[str, np.ndarray], axis: "LengthAxis", length: int) -> dict[str, np.ndarray]:
+    """Samples cut or zero-padded to ``length`` on ``axis``: both models are fed the same arrays, so the
+    comparison needs no padding invariance of the model."""
+    from optimizer.shapes import pad_into
+
+    out = dict(batch)
+    for name, dim in axis.places:
+        array = out[name]
+        cut = [slice(None)] * array.ndim
+        cut[dim] = slice(0, min(length, array.shape[dim]))
+        array = array[tuple(cut)]
+        shape = list(array.shape)
+        shape[dim] = length
+        out[name] = pad_into(np.empty(shape, dtype=array.dtype), array, dim, 0)
+    return out
+
+
+def verify_lengths(reference: Any, candidate: Any, eval_data: Any, axes: dict[str, "LengthAxis"],
+                   cfg: ExportOnnxConfig) -> list[dict[str, Any]]:
+    """Elementwise comparison of PyTorch and the export at several lengths of each dynamic axis."""
+    count = min(cfg.verify_length_samples, len(eval_data))
+    rows = []
+    for name, axis in axes.items():
+        lengths = cfg.verify_lengths or default_verify_lengths(axis.min, axis.max)
+        for length in lengths:
+            if not axis.min <= length <= axis.max:
+                continue
+            batch = fit_length(eval_data.batch(0, count), axis, length)
+            result = compare_outputs(reference.run(batch), candidate.run(batch), atol=cfg.atol, rtol=cfg.rtol)
+            rows.append({"axis": name, "length": int(length), "max_abs_diff": result["max_abs_diff"],
+                         "within_tolerance": result["within_tolerance"], "samples": count})
+    return rows
 
 
 class ExportOnnx(Pass):
@@ -152,11 +209,22 @@ class ExportOnnx(Pass):
         if not classes:
             record_cosine(fidelity, reference, candidate, minimum=None)
         ctx.details["fidelity"] = fidelity
+        axes = length_axes(artifact.inputs)
+        if axes and fidelity["within_tolerance"]:
+            ctx.progress.update("verifying across lengths")
+            sweep = verify_lengths(reference_runtime, OnnxRuntime(result, threads=ctx.threads), eval_data, axes, cfg)
+            fidelity["lengths"] = sweep
+            worst = next((row for row in sweep if not row["within_tolerance"]), None)
+            if worst is not None:
+                fidelity["within_tolerance"] = False
+                fidelity["max_abs_diff"] = max(fidelity["max_abs_diff"], worst["max_abs_diff"])
+                fidelity["failed_length"] = worst["length"]
         if not fidelity["within_tolerance"]:
             agreement = (f"top-1 agreement {fidelity['top1_agreement']:.1%}" if classes
                          else f"mean cosine similarity {fidelity['cosine_mean']:.4f}")
+            at = f" at length {fidelity['failed_length']}" if "failed_length" in fidelity else ""
             raise GateFailed(
-                f"stage '{ctx.stage}': exported model differs from PyTorch beyond tolerance "
+                f"stage '{ctx.stage}': exported model differs from PyTorch beyond tolerance{at} "
                 f"(max abs diff {fidelity['max_abs_diff']:.3g}, atol {cfg.atol}, rtol {cfg.rtol}, "
                 f"{agreement}); check the model for data-dependent code, or raise atol/rtol if the difference is "
                 "expected"

@@ -58,8 +58,9 @@ def calibration_indices(data: "ArrayData", count: int, seed: int, *, stage: str)
 
 
 def single_samples(data: "ArrayData", index: np.ndarray) -> list[dict[str, np.ndarray]]:
-    """One input mapping per index, each a batch of one."""
-    return [{name: array[i : i + 1] for name, array in data.inputs.items()} for i in index]
+    """One input mapping per index, each a batch of one at the sample's own length on any dynamic axis (so
+    calibration sees the lengths the deployed model will)."""
+    return [data.batch(int(i), int(i) + 1) for i in index]
 
 
 def calibration_samples(data: "ArrayData", count: int, seed: int, *, stage: str) -> list[dict[str, np.ndarray]]:

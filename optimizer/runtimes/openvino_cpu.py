@@ -16,6 +16,7 @@ import numpy as np
 from optimizer.artifact import Artifact
 from optimizer.errors import InputRejected, MissingDependency
 from optimizer.runtimes.base import Runtime
+from optimizer.shapes import check_bounds, length_axes, pad_into, pick_bucket
 
 PRECISION_HINTS = ("f32", "bf16", "f16")
 PERFORMANCE_HINTS = ("latency", "throughput")
@@ -133,19 +134,102 @@ class OpenVinoRuntime(Runtime):
         expected = [spec.name for spec in artifact.inputs]
         if sorted(self._names) != sorted(expected):
             raise InputRejected(f"{xml}: model inputs {self._names} differ from the recipe's inputs {expected}")
-        self.compiled = self._compile(self.performance_hint, self.streams)
-        self.request = self.compiled.create_infer_request()
-        self._infer = bare_infer(self.request)
-        # numpy dtype of each input, as the compiled model expects it; and the arrays bound to the request.
+        # Declared dynamic axes: lengths outside their bounds are refused here, with the bounds, rather than
+        # by OpenVINO deep in its shape inference.
+        self.axes = length_axes(artifact.inputs)
+        buckets = artifact.meta.get("buckets")
+        self.buckets: list[int] = sorted(int(b) for b in buckets["sizes"]) if buckets else []
+        self._bucket_axis = self.axes.get(buckets["axis"]) if buckets else None
+        if buckets and self._bucket_axis is None:
+            raise InputRejected(f"{xml}: artifact.json lists buckets on '{buckets['axis']}', which is no dynamic axis "
+                                "of the inputs; re-run the compile stage")
+        self._pad_values = {name: float(v) for name, v in (buckets or {}).get("pad_values", {}).items()}
+        # One fully static copy of the IR per bucket and batch size, each compiled once with its own request:
+        # the same IR, reshaped, so every bucket computes what the dynamic model would on the padded input. The
+        # batch is fixed too: a dimension left dynamic keeps OpenVINO on its slower dynamic-shape path. Batch 1
+        # (deployment, latency) is compiled here, so that no timed call ever compiles; other batch sizes (the
+        # accuracy pass) on first use.
+        batch_dim = self.model.inputs[0].get_partial_shape()[0]
+        self._ir_batch = None if batch_dim.is_dynamic else int(batch_dim.get_length())
+        self._models: dict[tuple[int, int], Any] = {}
+        self._slots: dict[tuple[int, int] | None, _Slot] = {}
+        if self.buckets:
+            for size in self.buckets:
+                self._slot(size, self._ir_batch or 1)
+            first = self._slots[(self.buckets[-1], self._ir_batch or 1)]
+        else:
+            first = self._slots[None] = _Slot(self._compile(self.performance_hint, self.streams))
+        self.compiled = first.compiled
+        self.request = first.request
+        # numpy dtype of each input, as the compiled model expects it.
         self._dtypes = {port.get_any_name(): np.dtype(port.get_element_type().to_dtype())
                         for port in self.compiled.inputs}
-        self._bound: dict[str, tuple[np.ndarray]] = {}
+        # The throughput-hinted model per bucket; _offline is the one used last.
+        self._offline_by_bucket: dict[int | None, tuple[Any, Any]] = {}
         self._offline: tuple[Any, Any] | None = None
 
-    def _compile(self, hint: str, streams: int | None):
+    def _reshaped(self, size: int, batch: int) -> Any:
+        """The IR with the batch and the bucket's length fixed (inputs without the bucketed axis: the batch)."""
+        key = (size, batch)
+        if key not in self._models:
+            model = self.model.clone()
+            axis = self._bucket_axis
+            assert axis is not None
+            shapes = {}
+            for port in model.inputs:
+                dims = list(port.get_partial_shape())
+                dims[0] = self._ov.Dimension(batch)
+                for name, index in axis.places:
+                    if name == port.get_any_name():
+                        dims[index] = self._ov.Dimension(size)
+                shapes[port.get_any_name()] = self._ov.PartialShape(dims)
+            model.reshape(shapes)
+            self._models[key] = model
+        return self._models[key]
+
+    def _reshaped_length(self, size: int) -> Any:
+        """The IR with only the bucket's length fixed (the batch as in the IR)."""
+        model = self.model.clone()
+        axis = self._bucket_axis
+        assert axis is not None
+        model.reshape({port.get_any_name(): self._ov.PartialShape(
+            [self._ov.Dimension(size) if (port.get_any_name(), d) in axis.places else dim
+             for d, dim in enumerate(port.get_partial_shape())]) for port in model.inputs})
+        return model
+
+    def _slot(self, size: int, batch: int) -> "_Slot":
+        """The compiled bucket for this batch size (compiled on first use)."""
+        slot = self._slots.get((size, batch))
+        if slot is None:
+            slot = self._slots[(size, batch)] = _Slot(
+                self._compile(self.performance_hint, self.streams, self._reshaped(size, batch)))
+        return slot
+
+    def _compile(self, hint: str, streams: int | None, model: Any = None):
         properties = compile_properties(precision=self.precision, performance_hint=hint, threads=self.threads,
                                         streams=streams)
-        return self.core.compile_model(self.model, "CPU", properties)
+        return self.core.compile_model(self.model if model is None else model, "CPU", properties)
+
+    def route(self, inputs: dict[str, np.ndarray]) -> tuple[int | None, int | None]:
+        """(bucket, length) for this batch: bounds checked (exit 3 outside them), the smallest bucket that holds
+        the length, or (None, length) for a model without buckets."""
+        lengths = check_bounds(inputs, self.axes, where=f"{self.artifact.path.name} (OpenVINO)")
+        if not self.buckets:
+            return None, None
+        length = lengths[self._bucket_axis.name]  # type: ignore[union-attr]
+        return pick_bucket(self.buckets, length), length
+
+    def padded(self, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+        """``inputs`` padded to ``bucket`` (a copy; see run() for the bound buffers the hot path reuses)."""
+        axis = self._bucket_axis
+        assert axis is not None
+        out = dict(inputs)
+        for name, index in axis.places:
+            shape = list(inputs[name].shape)
+            shape[index] = bucket
+            out[name] = pad_into(np.empty(shape, dtype=self._dtypes[name]), inputs[name], index,
+                                 self._pad_values.get(name, 0.0))
+        return out
 
     @property
     def fixed_batch(self) -> int | None:
@@ -153,6 +237,15 @@ class OpenVinoRuntime(Runtime):
         return None if dim.is_dynamic else int(dim.get_length())
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        bucket, length = self.route(inputs) if self.axes else (None, None)
+        slot = self._slots[None] if bucket is None else self._slot(bucket, len(next(iter(inputs.values()))))
+        if bucket is not None and length != bucket:
+            # Padded into a buffer kept per bucket and batch size and bound once: the copy (a few hundred bytes
+            # for a sentence) is redone every call, so an input changed in place is always read as it is now.
+            inputs = slot.padded_view(self, inputs, bucket)
+        return slot.run(self, inputs)
+
+    def _run_slot(self, slot: "_Slot", inputs: dict[str, np.ndarray]) -> np.ndarray:
         # Inputs are bound to the request as tensors over the caller's memory (no copy), and stay bound while
         # the caller passes the very same arrays again, as the latency loop does: then the call is a bare
         # infer(). Passing a dict to infer() instead wraps every array anew on every call, 26 us per call
@@ -161,25 +254,30 @@ class OpenVinoRuntime(Runtime):
         # memory, so an array changed in place is read as it is now, never from a stale copy.
         for name in self._names:
             array = inputs[name]
-            bound = self._bound.get(name)
+            bound = slot.bound.get(name)
             if bound is not None and bound[0] is array:
                 continue
             if array.flags.c_contiguous and array.dtype == self._dtypes[name]:
-                self.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
-                self._bound[name] = (array,)
+                slot.request.set_tensor(name, self._ov.Tensor(array, shared_memory=True))
+                slot.bound[name] = (array,)
             else:
-                self.request.set_tensor(name, self._ov.Tensor(np.ascontiguousarray(array, dtype=self._dtypes[name])))
-                self._bound.pop(name, None)  # a copy: bind again on the next call
-        self._infer()
+                slot.request.set_tensor(name, self._ov.Tensor(np.ascontiguousarray(array, dtype=self._dtypes[name])))
+                slot.bound.pop(name, None)  # a copy: bind again on the next call
+        slot.infer()
         # The output memory is reused by the next inference, so it is copied out.
-        return np.array(self.request.get_output_tensor(0).data, copy=True)
+        return np.array(slot.request.get_output_tensor(0).data, copy=True)
 
     def offline_runner(self, inputs: dict[str, np.ndarray]) -> Callable[[], None]:
         """Offline scenario: a second compiled model with the THROUGHPUT hint, the batch split over its
         streams' infer requests, all in flight at once (how OpenVINO serves a batch fastest)."""
-        if self._offline is None:
-            compiled = self._compile("throughput", None)
-            self._offline = (compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        bucket, length = self.route(inputs) if self.axes else (None, None)
+        if bucket is not None and length != bucket:
+            inputs = self.padded(inputs, bucket)
+        if bucket not in self._offline_by_bucket:
+            # The batch is split over the streams' requests below, so this copy keeps the IR's batch dimension.
+            compiled = self._compile("throughput", None, self._reshaped_length(bucket) if bucket is not None else None)
+            self._offline_by_bucket[bucket] = (compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self._offline = self._offline_by_bucket[bucket]
         compiled, requests = self._offline
         total = len(next(iter(inputs.values())))
         parts = max(1, min(requests, total)) if self.fixed_batch is None else 1
@@ -201,7 +299,11 @@ class OpenVinoRuntime(Runtime):
         properties = compile_properties(precision=self.precision, performance_hint=self.performance_hint,
                                         threads=self.threads, streams=self.streams)
         properties["PERF_COUNT"] = True
-        request = self.core.compile_model(self.model, "CPU", properties).create_infer_request()
+        bucket, length = self.route(inputs) if self.axes else (None, None)
+        if bucket is not None and length != bucket:
+            inputs = self.padded(inputs, bucket)
+        model = self._reshaped(bucket, len(next(iter(inputs.values())))) if bucket is not None else self.model
+        request = self.core.compile_model(model, "CPU", properties).create_infer_request()
         feed = {name: inputs[name] for name in self._names}
         request.infer(feed)  # warm-up
         entries: list[tuple[str, str, float]] = []
@@ -228,4 +330,32 @@ class OpenVinoRuntime(Runtime):
             "precision_hint": self.precision,
             "properties": recorded,
             "openvino": self._ov.__version__ if hasattr(self._ov, "__version__") else self._ov.get_version(),
+            **({"buckets": list(self.buckets), "bucket_axis": self._bucket_axis.name} if self.buckets else {}),  # type: ignore[union-attr]
         }
+
+
+class _Slot:
+    """One compiled model (a bucket, or the only model) with its infer request, the arrays bound to it and,
+    per batch size, the padding buffers bound in place of inputs shorter than the bucket."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.infer = bare_infer(self.request)
+        self.bound: dict[str, tuple[np.ndarray]] = {}
+        self.buffers: dict[int, dict[str, np.ndarray]] = {}
+
+    def padded_view(self, runtime: OpenVinoRuntime, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
+        axis = runtime._bucket_axis
+        assert axis is not None
+        batch = len(next(iter(inputs.values())))
+        buffers = self.buffers.get(batch)
+        if buffers is None:
+            buffers = self.buffers[batch] = runtime.padded(inputs, bucket)
+            return dict(inputs) | {name: buffers[name] for name, _ in axis.places}
+        for name, index in axis.places:
+            pad_into(buffers[name], inputs[name], index, runtime._pad_values.get(name, 0.0))
+        return dict(inputs) | {name: buffers[name] for name, _ in axis.places}
+
+    def run(self, runtime: OpenVinoRuntime, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        return runtime._run_slot(self, inputs)

@@ -1,0 +1,290 @@
+"""Dynamic input axes (issue 14): varied-length data, symbolic export, OpenVINO bounds and shape buckets, deploy.
+
+On the real MiniLM sentiment checkpoint and real Rotten Tomatoes snippets at their own lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+MINILM_CHECKPOINT = REPO / "checkpoints" / "minilm_sentiment.safetensors"
+DATASET = "python:optimizer.examples.minilm_sentiment:rotten_tomatoes"
+
+
+def minilm_recipe(*, low: int = 1, high: int = 128, samples: int = 24, pad: str = "longest") -> dict:
+    """The MiniLM classifier with a dynamic sequence axis, on a few real test snippets."""
+    dynamic = {1: {"name": "seq", "min": low, "max": high}}
+    return {
+        "name": "minilm-dynamic-test",
+        "model": {
+            "factory": "optimizer.examples.minilm_sentiment:minilm_classifier",
+            "kwargs": {"num_classes": 2, "max_length": 64, "pretrained": False},
+            "checkpoint": str(MINILM_CHECKPOINT),
+            "inputs": [{"name": "input_ids", "shape": [1, min(64, high)], "dtype": "int64", "dynamic": dynamic},
+                       {"name": "attention_mask", "shape": [1, min(64, high)], "dtype": "int64", "dynamic": dynamic}],
+        },
+        "data": {"eval": {"dataset": DATASET, "kwargs": {"split": "test", "max_length": 64, "pad": pad},
+                          "samples": samples},
+                 "calibration": {"dataset": DATASET, "kwargs": {"split": "train", "max_length": 64, "pad": pad},
+                                 "samples": samples}},
+        "stages": [{"name": "export", "pass": "export.onnx"}],
+    }
+
+
+def eager_minilm() -> "object":
+    from safetensors.torch import load_file
+
+    from optimizer.examples.minilm_sentiment import minilm_classifier
+
+    module = minilm_classifier(pretrained=False).eval()
+    module.load_state_dict(load_file(str(MINILM_CHECKPOINT)))
+    return module
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> "object":
+    """The real MiniLM checkpoint exported with a symbolic sequence length 1..128 (dynamo exporter)."""
+    from optimizer.passes.export_onnx import ExportOnnx
+    from optimizer.testing import check_pass
+
+    report = check_pass(ExportOnnx, {"verify_samples": 24}, source=minilm_recipe(), repeat=False,
+                        deterministic=False, work_dir=tmp_path_factory.mktemp("export"))
+    assert report.ok, report.violations
+    return report.output
+
+
+def test_dynamic_export_matches_eager_across_lengths(exported) -> None:
+    """One ONNX graph with a shared symbolic length, elementwise equal to PyTorch at 8..128 word pieces."""
+    import onnx
+    import torch
+
+    from optimizer.passes.export_onnx import default_verify_lengths, fit_length
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+    from optimizer.shapes import length_axes
+
+    model = onnx.load(str(exported.entry_path), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    assert dims["input_ids"][1] == dims["attention_mask"][1] and isinstance(dims["input_ids"][1], str)
+    assert default_verify_lengths(1, 128) == [1, 8, 16, 32, 64, 128]
+
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+
+    test = rotten_tomatoes("test", pad="max")
+    batch = {"input_ids": test.input_ids[:3], "attention_mask": test.attention_mask[:3]}
+    axis = length_axes(exported.inputs)["seq"]
+    onnx_runtime = OnnxRuntime(exported, threads=1)
+    module = eager_minilm()
+    for length in (8, 16, 32, 64, 128):
+        fitted = fit_length(batch, axis, length)
+        with torch.inference_mode():
+            reference = module(*(torch.from_numpy(fitted[n]) for n in ("input_ids", "attention_mask"))).numpy()
+        np.testing.assert_allclose(onnx_runtime.run(fitted), reference, atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def openvino_artifacts(exported, tmp_path_factory) -> dict:
+    """The export compiled twice: bounded dynamic dims, and buckets 16/32/64/128."""
+    base = tmp_path_factory.mktemp("openvino")
+    return {"bounded": compiled(exported, base / "bounded", {}),
+            "bucketed": compiled(exported, base / "bucketed", {"buckets": [16, 32, 64, 128]})}
+
+
+def test_torchscript_export_names_the_dynamic_axes(exported, tmp_path: Path) -> None:
+    """The legacy exporter gets dynamic_axes with the shared name; its graph runs at other lengths too."""
+    import onnx
+
+    from optimizer.artifact import Artifact
+    from optimizer.examples.minilm_sentiment import tokenize
+    from optimizer.passes.export_onnx import ExportOnnxConfig, export_module
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+
+    module = eager_minilm()
+    ids, mask = tokenize(["a sharp, funny and humane film", "dull"], 64)
+    width = int(mask.sum(1).max())
+    samples = {"input_ids": ids[:, :width], "attention_mask": mask[:, :width]}
+    folder = tmp_path / "ts"
+    folder.mkdir()
+    cfg = ExportOnnxConfig(exporter="torchscript", opset=17)
+    export_module(module, exported, samples, folder / "model.onnx", cfg)
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    assert [[d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input] == [["batch", "seq"]] * 2
+    artifact = Artifact(form="onnx", path=folder, entry="model.onnx", inputs=exported.inputs).finalize()
+    import torch
+
+    with torch.inference_mode():
+        for length in (3, 64):
+            batch = {"input_ids": ids[:1, :length].copy(), "attention_mask": np.ones((1, length), np.int64)}
+            expected = module(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"]))
+            np.testing.assert_allclose(OnnxRuntime(artifact, threads=1).run(batch), expected.numpy(), atol=1e-4)
+
+
+def compiled(exported, tmp_path: Path, config: dict) -> "object":
+    from optimizer.passes.compile_openvino import CompileOpenVino
+    from optimizer.testing import check_pass
+
+    report = check_pass(CompileOpenVino, {"verify_samples": 24, **config}, source=exported, data=minilm_recipe(),
+                        repeat=False, deterministic=False, work_dir=tmp_path)
+    assert report.ok, report.violations
+    return report.output
+
+
+def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, openvino_artifacts) -> None:
+    """Bounded dynamic dims in the IR, and shape buckets routed by length; both refuse 129 with the bounds."""
+    from optimizer.errors import InputRejected
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+    from optimizer.runtimes.openvino_cpu import OpenVinoRuntime
+    from optimizer.examples.minilm_sentiment import tokenize
+
+    ids, mask = tokenize(["an unexpectedly moving and beautifully acted film " * 20], 128)
+    reference = OnnxRuntime(exported, threads=1)
+    bounded, bucketed = openvino_artifacts["bounded"], openvino_artifacts["bucketed"]
+    assert bucketed.meta["buckets"]["sizes"] == [16, 32, 64, 128] and "buckets" not in bounded.meta
+    import openvino as ov
+
+    dims = ov.Core().read_model(str(bounded.entry_path)).inputs[0].get_partial_shape()[1]
+    assert (dims.get_min_length(), dims.get_max_length()) == (1, 128)
+    runtimes = {"bounded": OpenVinoRuntime(bounded, threads=1), "bucketed": OpenVinoRuntime(bucketed, threads=1)}
+    for length in (1, 2, 15, 16, 17, 40, 64, 100, 128):
+        # The real snippet cut to `length` word pieces, ending with [SEP] as a tokenizer would.
+        batch = {"input_ids": ids[:, :length].copy(), "attention_mask": mask[:, :length].copy()}
+        batch["input_ids"][:, -1] = 102 if length > 1 else 101
+        expected = reference.run(batch)
+        for name, runtime in runtimes.items():
+            np.testing.assert_allclose(runtime.run(batch), expected, atol=2e-3, rtol=1e-2, err_msg=f"{name} at {length}")
+        assert runtimes["bucketed"].route(batch)[0] == next(b for b in (16, 32, 64, 128) if length <= b)
+    # A batch of three at length 20 runs in bucket 32, compiled for batch 3 on first use.
+    batch = {"input_ids": np.repeat(ids[:, :20], 3, axis=0), "attention_mask": np.repeat(mask[:, :20], 3, axis=0)}
+    np.testing.assert_allclose(runtimes["bucketed"].run(batch), reference.run(batch), atol=2e-3, rtol=1e-2)
+    too_long = {"input_ids": np.ones((1, 129), np.int64), "attention_mask": np.ones((1, 129), np.int64)}
+    for runtime in runtimes.values():
+        with pytest.raises(InputRejected, match=r"length 129 of dynamic axis 'seq' is outside the model's bounds 1\.\.128"):
+            runtime.run(too_long)
+    mismatched = {"input_ids": np.ones((1, 20), np.int64), "attention_mask": np.ones((1, 21), np.int64)}
+    with pytest.raises(InputRejected, match="differ in length"):
+        runtimes["bucketed"].run(mismatched)
+
+
+def test_auto_buckets_minimize_padding() -> None:
+    from optimizer.shapes import auto_buckets
+
+    lengths = np.array([10] * 50 + [20] * 30 + [40] * 15 + [60] * 5)
+    assert auto_buckets(lengths, 4, 64) == [16, 24, 40, 64]
+    assert auto_buckets(lengths, 1, 64) == [64]
+    assert auto_buckets(np.array([5, 6]), 4, 64) == [8, 64]
+
+
+def test_deploy_opens_final_and_runs_through_the_buckets(exported, openvino_artifacts, tmp_path: Path) -> None:
+    """A published bucketed artifact: the manifest lists the buckets, the loader routes by length and refuses
+    a changed file and a length beyond the bounds."""
+    import json
+
+    from optimizer.deploy import open_final
+    from optimizer.errors import InputRejected
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+    from optimizer.publish import build_final
+    from optimizer.runtimes.onnxruntime_cpu import OnnxRuntime
+
+    final = tmp_path / "final"
+    build_final(openvino_artifacts["bucketed"], {"name": "openvino"}, final, report={"stages": []},
+                publish={"policy": "last", "stage": "openvino", "reason": "test"})
+    assert json.loads((final / "manifest.json").read_text())["buckets"]["sizes"] == [16, 32, 64, 128]
+    test = rotten_tomatoes("test", pad="longest")
+    reference = OnnxRuntime(exported, threads=1)
+    with open_final(final) as model:
+        assert model.buckets == [16, 32, 64, 128]
+        for i in range(6):
+            sample, _ = test[i]
+            batch = {name: value[None] for name, value in sample.items()}
+            length = batch["input_ids"].shape[1]
+            assert model.bucket_for(batch) == next(b for b in model.buckets if length <= b)
+            np.testing.assert_allclose(model.run(batch), reference.run(batch), atol=2e-3, rtol=1e-2)
+        with pytest.raises(InputRejected, match="outside the model's bounds 1..128"):
+            model.run({"input_ids": np.ones((1, 200), np.int64), "attention_mask": np.ones((1, 200), np.int64)})
+        with pytest.raises(InputRejected, match="input 'attention_mask' is missing"):
+            model.run({"input_ids": np.ones((1, 20), np.int64)})
+    (final / "model.bin").write_bytes((final / "model.bin").read_bytes()[:-8] + b"changed!")
+    with pytest.raises(InputRejected, match="model.bin: missing or changed"):
+        open_final(final)
+
+
+def test_varied_length_data_padding_invariance_and_calibration_lengths() -> None:
+    """pad: longest keeps each snippet at its own length (a batch cut to its longest), calibration gets single
+    samples at their own length, and the trained model predicts the same at its own length and padded to 64."""
+    import torch
+
+    from optimizer.data.datasets import load_dataset
+    from optimizer.passes.onnx_io import single_samples
+    from optimizer.recipe import load_recipe
+
+    loaded = load_recipe(minilm_recipe(samples=64))
+    data = load_dataset(loaded.recipe.data.eval, inputs=list(loaded.recipe.model.inputs), base_dir=REPO, seed=0,
+                        where="data.eval")
+    lengths = data.lengths["seq"]
+    assert np.array_equal(lengths, data.inputs["attention_mask"].sum(1)) and lengths.min() < lengths.max() <= 64
+    assert data.batch(0, 8)["input_ids"].shape == (8, int(lengths[:8].max()))
+    assert [s["input_ids"].shape[1] for s in single_samples(data, np.arange(5))] == list(lengths[:5])
+
+    module = eager_minilm()
+    with torch.inference_mode():
+        for i in range(16):
+            own = {n: torch.from_numpy(a) for n, a in data.batch(i, i + 1).items()}
+            padded = {n: torch.nn.functional.pad(a, (0, 64 - a.shape[1])) for n, a in own.items()}
+            at_own, at_64 = module(**own), module(**padded)
+            assert int(at_own.argmax()) == int(at_64.argmax())
+            torch.testing.assert_close(at_own, at_64, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_bounds_and_too_long_samples_name_the_limit() -> None:
+    """A bound past the position table is a recipe error (exit 2) at validation; a sample longer than the bound
+    is a data error (exit 3) naming the sample and its length; buckets that cannot cover the bound fail early."""
+    from optimizer.data.datasets import load_dataset
+    from optimizer.errors import InputRejected, RecipeError
+    from optimizer.recipe import load_recipe
+    from optimizer.validate import validate_recipe
+
+    with pytest.raises(RecipeError, match=r"model.inputs.0.dynamic.1.max: 1000 is beyond the model's position table "
+                                          r"of 512 positions \(encoder.config.max_position_embeddings\)") as err:
+        validate_recipe(load_recipe(minilm_recipe(high=1000)))
+    assert err.value.exit_code == 2
+
+    short = load_recipe(minilm_recipe(high=16, samples=64))
+    with pytest.raises(InputRejected, match=r"sample \d+ has length \d+ on dynamic axis 'seq', outside the declared "
+                                            r"bounds 1..16") as err:
+        load_dataset(short.recipe.data.eval, inputs=list(short.recipe.model.inputs), base_dir=REPO, seed=0,
+                     where="data.eval")
+    assert err.value.exit_code == 3
+    index, length = (int(n) for n in __import__("re").search(r"sample (\d+) has length (\d+)", str(err.value)).groups())
+    from optimizer.examples.minilm_sentiment import rotten_tomatoes
+
+    assert int(rotten_tomatoes("test").lengths[index]) == length > 16
+
+    recipe = minilm_recipe()
+    recipe["stages"].append({"name": "openvino", "pass": "compile.openvino", "with": {"buckets": [16, 32, 64]}})
+    with pytest.raises(RecipeError, match=r"stages.1 \(openvino\): the largest bucket is 64 but 'seq' goes up to 128"):
+        validate_recipe(load_recipe(recipe))
+
+
+@pytest.mark.slow  # the shipped recipe on 400 test snippets: export, NNCF INT8, OpenVINO buckets, 4 measurements
+def test_dynamic_recipe_publishes_a_bucketed_artifact_that_deploys(tmp_path: Path) -> None:
+    import json
+
+    from optimizer import run_recipe
+    from optimizer.deploy import open_final
+
+    report = run_recipe(REPO / "recipes" / "minilm_dynamic_int8_openvino.yaml", out=tmp_path / "run", quiet=True,
+                        overrides=["data.eval.samples=400", "data.calibration.samples=64",
+                                   "stages.1.with.subset_size=64", "evaluate.latency.mode=quick"])
+    assert report.passed
+    manifest = json.loads((tmp_path / "run" / "final" / "manifest.json").read_text())
+    sizes = manifest["buckets"]["sizes"]
+    assert manifest["stage"] == "openvino" and len(sizes) == 4 and sizes[-1] == 64
+    # Latency was timed on one real snippet at its own length, through its bucket.
+    assert report.stage("openvino")["runtime"]["buckets"] == sizes
+    with open_final(tmp_path / "run" / "final") as model:
+        ids = np.array([[101, 2023, 3185, 2001, 6429, 102]])
+        assert model.bucket_for({"input_ids": ids, "attention_mask": np.ones_like(ids)}) == sizes[0]
+        assert model.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}).shape == (1, 2)
