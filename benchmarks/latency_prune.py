@@ -82,6 +82,7 @@ def variant_recipe(base: dict[str, Any], stages: dict[str, dict[str, Any]], vari
     recipe = copy.deepcopy(base)
     recipe["name"] = f"bench-latency-prune-{variant}"
     recipe["budget"] = {}  # every variant is built and shown, whatever it costs
+    recipe["publish"] = "last"  # every stage is marked intermediate below; the variant's result is its last stage
     recipe["data"]["eval"]["samples"] = recipe_eval
     recipe["evaluate"]["latency"]["mode"] = "quick"  # re-measured below, in full
     chain = []

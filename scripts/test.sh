@@ -15,4 +15,4 @@ fi
 if [ ! -f checkpoints/fashion_resnet.safetensors ]; then
   .venv/bin/python -m optimizer.examples.train_fashion --out checkpoints/fashion_resnet.safetensors
 fi
-.venv/bin/python -m pytest -m "not slow and not gpu" --timeout 900 "$@"
+.venv/bin/python -m pytest -m "not slow and not gpu" --timeout 900 --durations=25 "$@"
