@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -96,12 +96,17 @@ def variant_recipe(base: dict[str, Any], stages: dict[str, dict[str, Any]], vari
     return recipe
 
 
-def score_on_test_images(artifact: Any, count: int, threads: int) -> dict[str, Any]:
-    """Top-1 over the first ``count`` test images, preprocessed in chunks (never all in memory at once)."""
+def score_on_test_images(artifact: Any, count: int, threads: int,
+                         preprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+    """Top-1 over the first ``count`` test images, preprocessed in chunks (never all in memory at once) by
+    ``preprocess`` (uint8 images in, model inputs out; default: the MobileNetV2 example's, 224×224)."""
     from optimizer.data.idx import load_fashion_mnist
-    from optimizer.examples.mobilenet_fashion import DEFAULT_FASHION_ROOT, preprocess
+    from optimizer.examples.mobilenet_fashion import DEFAULT_FASHION_ROOT
     from optimizer.measure.accuracy import top1
     from optimizer.runtimes.base import open_runtime
+
+    if preprocess is None:
+        from optimizer.examples.mobilenet_fashion import preprocess
 
     images, labels = load_fashion_mnist(Path(DEFAULT_FASHION_ROOT), "test")
     images, labels = images[:count], labels[:count].astype(np.int64)

@@ -74,33 +74,19 @@ def size_recipe(base: dict[str, Any], size: int, *, precision: str, batchnorm: b
 def score_on_test_images(artifact: Any, size: int, count: int, threads: int) -> dict[str, Any]:
     """Top-1 over the first ``count`` test images at ``size``×``size``, preprocessed in chunks (all 10,000 at
     224×224 would be 6 GB as floats) with the toolkit's resampling and normalization."""
+    from latency_prune import score_on_test_images as score
+
     from optimizer.data.datasets import _normalize, _resize_crop
-    from optimizer.data.idx import load_fashion_mnist
-    from optimizer.examples.mobilenet_fashion import DEFAULT_FASHION_ROOT, IMAGENET_MEAN, IMAGENET_STD
-    from optimizer.measure.accuracy import top1
+    from optimizer.examples.mobilenet_fashion import IMAGENET_MEAN, IMAGENET_STD
     from optimizer.recipe import ImageTransform
-    from optimizer.runtimes.base import open_runtime
 
     transform = ImageTransform(resize=size, channels=3, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
-    images, labels = load_fashion_mnist(Path(DEFAULT_FASHION_ROOT), "test")
-    images, labels = images[:count], labels[:count].astype(np.int64)
-    runtime = open_runtime(artifact, threads=threads)
-    batch = runtime.fixed_batch or 50
-    predictions = np.empty(len(labels), dtype=np.int64)
-    for start in range(0, len(labels), 500):
-        x = images[start:start + 500].astype(np.float32)[:, None, :, :] / 255.0
-        chunk = _normalize(_resize_crop(x, transform), transform, where="benchmark")
-        for offset in range(0, len(chunk), batch):
-            part = chunk[offset:offset + batch]
-            here = len(part)
-            if runtime.fixed_batch and here < batch:
-                part = np.concatenate([part, np.repeat(part[-1:], batch - here, axis=0)])
-            logits = runtime.run({artifact.inputs[0].name: np.ascontiguousarray(part)})[:here]
-            predictions[start + offset:start + offset + here] = logits.reshape(here, -1).argmax(-1)
-    runtime.close()
-    result = top1(predictions, labels)
-    result["correct"] = predictions == labels
-    return result
+
+    def preprocess(images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32)[:, None, :, :] / 255.0
+        return _normalize(_resize_crop(x, transform), transform, where="benchmark")
+
+    return score(artifact, count, threads, preprocess)
 
 
 def main(argv: list[str] | None = None) -> int:

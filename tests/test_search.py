@@ -7,6 +7,7 @@ iterations, ONNX export and onnxruntime INT8 only), so a trial takes seconds; no
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ QUICK_LATENCY = {"threads": 1, "batch_size": 1, "throughput_batch_size": 8, "mod
 class BoomConfig(PassConfig):
     explode: bool = False
     kill: bool = False  # SIGKILL its own process, as the kernel's OOM killer would
+    disk_full_while: str | None = None  # raise ENOSPC while this file exists (a disk that fills, then is freed)
 
 
 class Boom(Pass):
@@ -45,6 +47,8 @@ class Boom(Pass):
             raise RuntimeError("boom: the test pass was told to explode")
         if self.config.kill:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.config.disk_full_while and os.path.exists(self.config.disk_full_while):
+            raise OSError(errno.ENOSPC, "No space left on device", str(ctx.work_dir / artifact.entry))
         shutil.copyfile(artifact.entry_path, ctx.work_dir / artifact.entry)
         return Artifact(form="onnx", path=ctx.work_dir, entry=artifact.entry, inputs=artifact.inputs)
 
@@ -432,3 +436,30 @@ def test_a_search_sharing_a_runs_stage_cache_reuses_its_stages(example_checkpoin
     assert not (out / ".cache").exists()
     manifest = json.loads((out / "final" / "manifest.json").read_text())
     assert (out / manifest["search"]["trial_folder"] / "report.json").is_file()
+
+
+def test_disk_full_inside_a_trial_stops_the_search_with_exit_5_and_resume_reruns_that_trial(
+        example_checkpoint, tmp_path, capsys):
+    """A full disk is not the trial's fault, and every later trial would meet it too: as in `optimizer run`, one
+    line and exit 5; the trial stays open in the journal (not failed) and --resume runs it once the disk is freed."""
+    from tests.test_faults import one_error_line
+
+    flag = tmp_path / "disk-is-full"
+    flag.write_text("")
+    recipe = search_recipe(example_checkpoint, trials=2)
+    recipe["stages"].insert(1, {"name": "boom", "pass": "python:tests.test_search:Boom",
+                                "with": {"disk_full_while": str(flag)}})
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "out"
+    code = _run(path, out)
+    err = capsys.readouterr().err
+    assert code == 5, err
+    line = one_error_line(err)
+    assert len(err.strip().splitlines()) == 1 and "disk full" in line and "trial 0" in line and "--resume" in line
+    assert [t.state.name for t in _journal_trials(out)] == ["RUNNING"]
+    assert not (out / "final").exists()
+    flag.unlink()  # space freed
+    assert _run(path, out, "--resume") == 0
+    trials = _journal_trials(out)
+    assert [t.number for t in trials] == [0, 1] and [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert (out / "final" / "manifest.json").is_file()

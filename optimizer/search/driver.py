@@ -18,6 +18,7 @@ the study sees the same sequence whichever executor ran it, and the same seed gi
 from __future__ import annotations
 
 import copy
+import errno
 import math
 import time
 from dataclasses import dataclass, field
@@ -234,7 +235,12 @@ class _Search:
 
         from optimizer.search.study import constraints, objective_values
 
+        from optimizer.search.trial import DISK_FULL
+
+        full_disk = [o for o in outcomes if o.get("status") == DISK_FULL]
         for outcome in sorted(outcomes, key=lambda o: o["number"]):
+            if outcome.get("status") == DISK_FULL:
+                continue  # left open in the study: it runs again on --resume
             trial = self._open.pop(outcome["number"], None)
             if trial is None:
                 continue
@@ -250,6 +256,12 @@ class _Search:
                     continue
             self.study.tell(trial, state=TrialState.FAIL)
             self._log_outcome(outcome)
+        if full_disk:
+            # Not the trials' fault, and every later trial would meet it too: stop as `optimizer run` does
+            # (run_search turns this into exit 5 with one line).
+            first = full_disk[0]
+            raise OSError(errno.ENOSPC, f"No space left on device ({first.get('error')})",
+                          f"trial {first['number']}")
 
     def _log_outcome(self, outcome: dict[str, Any]) -> None:
         if outcome.get("accuracy") is None:

@@ -23,7 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import GateFailed, Interrupted, OptimizerError, first_line, one_line
+from optimizer.errors import (GateFailed, Interrupted, OptimizerError, ResourceFailure, first_line, is_disk_full,
+                              one_line)
+
+#: A trial's status when the disk filled up under it: not the trial's fault, so the search stops (exit 5, as
+#: `optimizer run` does) and the trial stays open in the study, to run again on --resume.
+DISK_FULL = "disk_full"
 
 
 def run_trial(request: dict[str, Any]) -> dict[str, Any]:
@@ -50,6 +55,8 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
     except (KeyboardInterrupt, Interrupted):
         raise  # the search stops; the trial stays open in the study and runs again on --resume
     except OptimizerError as exc:
+        if isinstance(exc, ResourceFailure) and _says_disk_full(exc):
+            return _disk_full(outcome, exc, started)
         produced = getattr(exc, "report", None)
         report = produced.data if produced is not None else None
         # A gate (a budget, NaN outputs, a collapsed model) stops a chain that ran; anything else is a failure.
@@ -57,6 +64,8 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
         outcome["status"] = "stopped" if stopped else "failed"
         outcome["error"] = one_line(str(exc))[:400]
     except Exception as exc:  # a pass or library bug: the trial fails, the search goes on
+        if is_disk_full(exc):
+            return _disk_full(outcome, exc, started)
         outcome["status"] = "failed"
         outcome["error"] = one_line(f"{type(exc).__name__}: {first_line(exc, 300)}")
     outcome["seconds"] = round(time.perf_counter() - started, 3)
@@ -67,6 +76,18 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
             figures = {k: v for k, v in figures.items() if k in ("stages_run", "stages_cached", "stage_seconds")}
         outcome.update(figures)
         outcome["report"] = str(out / "report.json")
+    return outcome
+
+
+def _says_disk_full(exc: ResourceFailure) -> bool:
+    text = str(exc)
+    return "disk full" in text or "disk is full" in text or is_disk_full(exc)
+
+
+def _disk_full(outcome: dict[str, Any], exc: BaseException, started: float) -> dict[str, Any]:
+    outcome["status"] = DISK_FULL
+    outcome["error"] = one_line(str(exc) or type(exc).__name__)[:400]
+    outcome["seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 
 
