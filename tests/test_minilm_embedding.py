@@ -56,6 +56,7 @@ def test_embedder_is_the_pretrained_sentence_encoder(rotten_tomatoes_file: Path)
     assert minilm_embedder(pretrained=False, normalize=False).max_length == 64
 
 
+@pytest.mark.slow  # a whole MiniLM recipe (about a minute); the cosine gate's own tests stay in the fast suite
 def test_recipe_reports_cosine_agreement_per_stage_within_budget(rotten_tomatoes_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'optimizer[openvino]'")
     from optimizer import run_recipe

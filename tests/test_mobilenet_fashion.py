@@ -154,6 +154,7 @@ def test_benchmark_skips_a_workload_it_cannot_run(tmp_path):
     assert "does not exist" in bench.check_workload(missing, tmp_path)
 
 
+@pytest.mark.slow  # about a minute; the fast suite must stay under 15 minutes (the workload checks above stay)
 def test_benchmark_quick_smoke_on_the_builtin_workload(example_checkpoint, tmp_path):
     # 12 stages built, each measured in its own process, then 6 artifacts re-measured: 1-2 minutes on 2
     # busy cores (62 s at load 2.8, 104 s at load 9), under the 2-minute line for the slow marker.
