@@ -68,6 +68,10 @@ class ResourceFailure(OptimizerError):
     exit_code = EXIT_RESOURCE
 
 
+class DiskFull(ResourceFailure):
+    """The disk (or the quota) filled up: the machine's fault, not the recipe's; --resume continues once freed."""
+
+
 class OutputLocked(OptimizerError):
     """Another run holds the output folder."""
 
@@ -117,11 +121,11 @@ def is_disk_full(exc: BaseException) -> bool:
     return "[Errno 28]" in str(exc) or "No space left on device" in str(exc)
 
 
-def disk_full(exc: BaseException, what: str) -> ResourceFailure:
+def disk_full(exc: BaseException, what: str) -> DiskFull:
     """The one-line error for a full disk while doing ``what`` (which names the stage or the file)."""
     where = getattr(exc, "filename", None)
     place = f" ({where})" if where else ""
-    return ResourceFailure(f"{what}: disk full{place}; free some space and re-run with --resume "
+    return DiskFull(f"{what}: disk full{place}; free some space and re-run with --resume "
                            "(finished stages are cached; earlier outputs are unchanged)")
 
 

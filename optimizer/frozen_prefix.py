@@ -47,6 +47,8 @@ class FrozenSplit:
     suffix: "fx.GraphModule"
     #: Names of the boundary values, in the order the prefix returns them and the suffix takes them.
     boundary: list[str]
+    #: Bytes the boundary values take per sample (what caching the front keeps in memory per sample).
+    bytes_per_sample: int
 
 
 def _trace(student: "torch.nn.Module", where: str) -> "fx.GraphModule":
@@ -54,26 +56,31 @@ def _trace(student: "torch.nn.Module", where: str) -> "fx.GraphModule":
 
     try:
         return fx.symbolic_trace(student)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError...)
+    except Exception as exc:
+        # Tracing runs the model's own forward on proxies, so whatever that code raises on a proxy (TraceError,
+        # TypeError from int(proxy), a library's own error...) arrives here; each means the same for the user:
+        # this model cannot be split, and the one-line error below says which option to drop.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise RecipeError(f"{where}: cache_frozen_prefix needs a model torch.fx can trace, and tracing "
                           f"{type(student).__name__} failed ({first[:200]}); remove cache_frozen_prefix") from None
 
 
-def _same_in_both_modes(student: "torch.nn.Module", where: str) -> None:
-    """Refuse a forward whose graph depends on self.training outside leaf modules."""
+def _trace_both_modes(student: "torch.nn.Module", where: str) -> "fx.GraphModule":
+    """The student traced in its current mode, after refusing a forward whose graph depends on self.training
+    outside leaf modules (traced in both modes, the two graphs' code must be the same)."""
     was_training = student.training
+    traces = {}
     try:
-        student.train()
-        training_code = _trace(student, where).code
-        student.eval()
-        eval_code = _trace(student, where).code
+        for mode in (True, False):
+            student.train(mode)
+            traces[mode] = _trace(student, where)
     finally:
         student.train(was_training)
-    if training_code != eval_code:
+    if traces[True].code != traces[False].code:
         raise RecipeError(f"{where}: cache_frozen_prefix cannot split {type(student).__name__}: its forward takes "
                           "another path in training than in evaluation (it reads self.training), so one trace "
                           "cannot stand for both; remove cache_frozen_prefix")
+    return traces[was_training]
 
 
 def _module_is_frozen(module: "torch.nn.Module", frozen_batchnorms: set[int]) -> bool:
@@ -123,8 +130,7 @@ def split_frozen_prefix(student: "torch.nn.Module", frozen_batchnorms: list["tor
     import torch
     from torch import fx
 
-    _same_in_both_modes(student, where)
-    traced = _trace(student, where)
+    traced = _trace_both_modes(student, where)
     graph = traced.graph
     bn_ids = {id(m) for m in frozen_batchnorms}
     frozen: dict[fx.Node, bool] = {}
@@ -187,7 +193,8 @@ def split_frozen_prefix(student: "torch.nn.Module", frozen_batchnorms: list["tor
             raise RecipeError(f"{where}: cache_frozen_prefix cannot split {type(student).__name__}: the frozen front "
                               f"hands '{node.name}' ({kind}, not one row per sample) to the trained part; remove "
                               "cache_frozen_prefix")
-    return FrozenSplit(prefix=prefix, suffix=suffix, boundary=names)
+    row_bytes = sum(value[0].numel() * value.element_size() for value in values)
+    return FrozenSplit(prefix=prefix, suffix=suffix, boundary=names, bytes_per_sample=row_bytes)
 
 
 __all__ = ["FrozenSplit", "split_frozen_prefix"]

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from optimizer.errors import ResourceFailure, is_disk_full
+from optimizer.errors import DiskFull, ResourceFailure, is_disk_full
 
 MIB = 1 << 20
 PROBE_PREFIX = ".write-probe-"
@@ -77,7 +77,7 @@ def check_writable(folder: Path) -> None:
             os.close(fd)
     except OSError as exc:
         if is_disk_full(exc):
-            raise ResourceFailure(f"{folder}: the disk is full; free some space or choose another --out") from None
+            raise DiskFull(f"{folder}: the disk is full; free some space or choose another --out") from None
         raise ResourceFailure(f"{folder}: cannot write in the output folder ({exc.strerror or exc}); "
                               "fix its permissions or choose another --out") from None
     finally:
@@ -103,7 +103,7 @@ def make_output_folder(folder: Path) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         if is_disk_full(exc):
-            raise ResourceFailure(f"{folder}: the disk is full; free some space or choose another --out") from None
+            raise DiskFull(f"{folder}: the disk is full; free some space or choose another --out") from None
         raise ResourceFailure(f"{folder}: cannot create the output folder ({exc.strerror or exc}); "
                               "choose another --out") from None
     if not folder.is_dir():

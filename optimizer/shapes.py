@@ -4,12 +4,13 @@ A recipe declares a non-batch axis dynamic with bounds (``model.inputs[].dynamic
 axis name share one length (MiniLM's ``input_ids`` and ``attention_mask``: ``seq``). Data sets keep their
 samples padded to a common size in memory, with each sample's own length alongside; a batch is cut to the
 longest sample in it. A bucketed model is a few static-shape copies of one model, and every input is padded
-to the smallest bucket that holds it. numpy only: the measurement worker and the deploy loader import this.
+to the smallest bucket that holds it. No torch or runtime imports (numpy and the recipe schema only): the
+measurement worker and the deploy loader import this.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +38,6 @@ def length_axes(inputs: Sequence[InputSpec]) -> dict[str, LengthAxis]:
             places = (*(known.places if known else ()), (spec.name, int(axis)))
             found[dyn.name] = LengthAxis(dyn.name, dyn.min, dyn.max, places)
     return found
-
-
-def axes_from_dicts(inputs: Iterable[dict]) -> list[InputSpec]:
-    """Input specs from their JSON form (an artifact.json or a manifest)."""
-    return [InputSpec.model_validate(spec) for spec in inputs]
 
 
 def trim(batch: dict[str, np.ndarray], axes: dict[str, LengthAxis], lengths: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,8 +103,8 @@ def pad_into(buffer: np.ndarray, array: np.ndarray, axis: int, value: float) -> 
 
 
 def auto_buckets(lengths: np.ndarray, count: int, maximum: int, *, multiple: int = 8) -> list[int]:
-    """``count`` bucket sizes that minimize the summed padded length of ``lengths`` (time grows about linearly
-    with length in these models), from sizes rounded up to ``multiple``; the largest is always ``maximum``,
+    """``count`` bucket sizes that minimize the summed padded length of ``lengths`` (the padded length stands in
+    for time, which grows with length), from sizes rounded up to ``multiple``; the largest is always ``maximum``,
     so every length within the bounds has a bucket.
 
     Exact: a dynamic programme over the candidate sizes (at most maximum / multiple of them)."""

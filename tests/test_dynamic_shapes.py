@@ -194,6 +194,22 @@ def test_auto_buckets_minimize_padding() -> None:
     assert auto_buckets(lengths, 4, 64) == [16, 24, 40, 64]
     assert auto_buckets(lengths, 1, 64) == [64]
     assert auto_buckets(np.array([5, 6]), 4, 64) == [8, 64]
+    # More candidate sizes than buckets, so the search itself decides: its choice pads no more than the best of
+    # every possible choice (brute force), and strictly less than keeping the largest candidates.
+    import itertools
+
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.gamma(3.0, 9.0, size=400).astype(int) + 1, 1, 64)
+    candidates = sorted({int(-(-v // 8) * 8) for v in lengths} | {64})
+    assert len(candidates) > 3
+
+    def padded(buckets) -> int:
+        return sum(min(b for b in buckets if b >= v) for v in lengths)
+
+    best = min(padded([*combo, 64]) for combo in itertools.combinations(candidates[:-1], 2))
+    chosen = auto_buckets(lengths, 3, 64)
+    assert len(chosen) == 3 and chosen[-1] == 64 and padded(chosen) == best
+    assert padded(chosen) < padded(candidates[-3:])
 
 
 def test_deploy_opens_final_and_runs_through_the_buckets(exported, openvino_artifacts, tmp_path: Path) -> None:
@@ -308,3 +324,46 @@ def test_dynamic_recipe_publishes_a_bucketed_artifact_that_deploys(tmp_path: Pat
         ids = np.array([[101, 2023, 3185, 2001, 6429, 102]])
         assert model.bucket_for({"input_ids": ids, "attention_mask": np.ones_like(ids)}) == sizes[0]
         assert model.run({"input_ids": ids, "attention_mask": np.ones_like(ids)}).shape == (1, 2)
+
+
+def test_measurement_cuts_each_eval_batch_to_its_own_longest_sample(exported) -> None:
+    """The measurement process gets the eval set padded to its longest snippet, with each snippet's own length;
+    every batch it times or scores reaches the runtime cut to the longest snippet in that batch (not at 64)."""
+    from optimizer.data.datasets import load_dataset
+    from optimizer.measure import metrics as m
+    from optimizer.measure.worker import Lengths, _predict, time_latency
+    from optimizer.recipe import load_recipe
+    from optimizer.runtimes.base import open_runtime
+
+    loaded = load_recipe(minilm_recipe(samples=24))
+    data = load_dataset(loaded.recipe.data.eval, inputs=list(loaded.recipe.model.inputs), base_dir=REPO, seed=0,
+                        where="data.eval")
+    own = data.lengths["seq"]
+    stored = data.inputs["input_ids"].shape[1]
+    assert own.min() < stored  # some snippets are stored padded: the check below can tell cut from uncut
+    lengths = Lengths(data.axes, {"seq": own})
+    runtime = open_runtime(exported, threads=1)
+
+    class Recording:
+        def __init__(self) -> None:
+            self.widths: list[int] = []
+
+        def run(self, inputs):
+            widths = {a.shape[1] for a in inputs.values()}
+            assert len(widths) == 1, "input_ids and attention_mask must be cut alike"
+            self.widths.append(widths.pop())
+            return runtime.run(inputs)
+
+    try:
+        timed = Recording()
+        quick = {"mode": "quick", "trials": 1, "warmup_s": 0.0, "min_iterations": 10, "min_duration_s": 0.0,
+                 "max_duration_s": 5.0, "inputs": "eval"}
+        time_latency(timed, data.inputs, quick, 1, seed=3, lengths=lengths)
+        order = np.random.default_rng(3).permutation(len(own))
+        assert timed.widths == [int(own[order[i % len(own)]]) for i in range(len(timed.widths))]
+
+        scored = Recording()
+        _predict(scored, data.inputs, len(own), 8, None, m.Metric.from_settings(None), "accuracy", lengths=lengths)
+        assert scored.widths == [int(own[i:i + 8].max()) for i in range(0, len(own), 8)]
+    finally:
+        runtime.close()

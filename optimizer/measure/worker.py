@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,26 +27,31 @@ def _progress(phase: str, fraction: float) -> None:
     print(f"@@progress {phase} {fraction:.3f}", flush=True)
 
 
-# Dynamic axes of the artifact and each eval sample's own length on them (from the .npz); empty for fixed shapes.
-_LENGTHS: dict = {"axes": {}, "lengths": {}}
+@dataclass(frozen=True)
+class Lengths:
+    """The artifact's dynamic axes and each eval sample's own length on them (read from the eval .npz, where
+    samples are stored padded to the longest): what cuts a batch of eval samples to its own longest."""
+
+    axes: dict
+    own: dict[str, np.ndarray]
+
+    def cut(self, batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+        from optimizer.shapes import trim
+
+        return trim(batch, self.axes, {name: lengths[index] for name, lengths in self.own.items()})
 
 
-def _cut(batch: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
-    """A batch cut to its longest sample on every dynamic axis (samples are stored padded to the longest)."""
-    from optimizer.shapes import trim
-
-    if not _LENGTHS["lengths"]:
-        return batch
-    return trim(batch, _LENGTHS["axes"], {name: own[index] for name, own in _LENGTHS["lengths"].items()})
+def _cut(batch: dict[str, np.ndarray], index, lengths: Lengths | None) -> dict[str, np.ndarray]:
+    return batch if lengths is None else lengths.cut(batch, index)
 
 
-def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int, cut: bool = True) -> dict[str, np.ndarray]:
+def _fixed_batch(inputs: dict[str, np.ndarray], batch_size: int, seed: int,
+                 lengths: Lengths | None = None) -> dict[str, np.ndarray]:
     """Real eval samples chosen by seed, tiled if the set is smaller; contiguous and in memory; cut to their
-    longest on the dynamic axes unless ``cut`` is off (a shape sweep's inputs are already at their size)."""
+    longest on the dynamic axes when ``lengths`` says the samples are stored padded."""
     n = len(next(iter(inputs.values())))
     index = np.random.default_rng(seed).choice(n, size=batch_size, replace=batch_size > n)
-    batch = {name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}
-    return _cut(batch, index) if cut else batch
+    return _cut({name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}, index, lengths)
 
 
 # Distinct batches cycled when a batch of several eval samples is timed (each one a copy): enough to vary the
@@ -54,44 +60,43 @@ EVAL_POOL_BATCHES = 256
 
 
 def eval_feed(inputs: dict[str, np.ndarray], batch_size: int, seed: int,
-              cut: bool = True) -> tuple[Callable[[], dict], int]:
+              lengths: Lengths | None = None) -> tuple[Callable[[], dict], int]:
     """Real eval samples for timing, round-robin in a seeded order: (next batch, number of distinct samples).
 
-    At batch 1 every eval sample takes its turn, as views into the eval arrays (no copy: the timed call only
-    hands the runtime a different sample). A larger batch cycles through up to ``EVAL_POOL_BATCHES`` batches
-    drawn from the same seeded order.
+    At batch 1 every eval sample takes its turn, as views into the eval arrays (copies only where ``lengths``
+    cuts a sample to its own length). A larger batch cycles through up to ``EVAL_POOL_BATCHES`` batches drawn from
+    the same seeded order. The pool is built before timing: a timed call only takes the next entry.
     """
     n = len(next(iter(inputs.values())))
     order = np.random.default_rng(seed).permutation(n)
-    # Each batch cut to its longest sample on the dynamic axes: samples of varied length are timed at their own
-    # (``cut``; a shape sweep's inputs are already at the size it measures).
-    trim = _cut if cut else (lambda batch, index: batch)
+    # Each batch cut to its longest sample on the dynamic axes: samples of varied length are timed at their own.
     if batch_size == 1:
-        pool = [trim({name: array[i : i + 1] for name, array in inputs.items()}, slice(i, i + 1)) for i in order]
+        pool = [_cut({name: array[i : i + 1] for name, array in inputs.items()}, slice(i, i + 1), lengths)
+                for i in order]
     else:
         groups = max(1, min(EVAL_POOL_BATCHES, n // batch_size))
         take = np.resize(order, groups * batch_size).reshape(groups, batch_size)
-        pool = [trim({name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}, index)
+        pool = [_cut({name: np.ascontiguousarray(array[index]) for name, array in inputs.items()}, index, lengths)
                 for index in take]
-    cycle = itertools.cycle(pool)
-    return (lambda: next(cycle)), min(n, len(pool) * batch_size)
+    return itertools.cycle(pool).__next__, min(n, len(pool) * batch_size)
 
 
 def time_latency(runtime, inputs: dict[str, np.ndarray], spec: dict, batch_size: int, seed: int,
                  on_progress: Callable[[float], None] | None = None, *, plan=None,
-                 trials: int | None = None, cut: bool = True) -> tuple[dict, np.ndarray]:
+                 trials: int | None = None, lengths: Lengths | None = None) -> tuple[dict, np.ndarray]:
     """Single-stream latency under the recipe's plan (or ``plan``), on one fixed batch or (``inputs: eval``) on
-    the eval samples in turn, so the percentiles are over the inputs users send rather than over one of them."""
+    the eval samples in turn, so the percentiles are over the inputs users send rather than over one of them.
+    ``lengths``: the eval samples are stored padded; each timed batch is cut to its own longest sample."""
     from optimizer.measure.latency import TimingPlan, time_trials
 
     plan = plan or TimingPlan.from_spec(spec)
     trials = trials or int(spec.get("trials", 1))
     if spec.get("inputs", "fixed") == "eval":
-        feed, distinct = eval_feed(inputs, batch_size, seed, cut)
+        feed, distinct = eval_feed(inputs, batch_size, seed, lengths)
         latency, raw_ms = time_trials(lambda: runtime.run(feed()), plan, trials, on_progress)
         latency.update({"inputs": "eval", "input_samples": distinct})
     else:
-        batch = _fixed_batch(inputs, batch_size, seed, cut)
+        batch = _fixed_batch(inputs, batch_size, seed, lengths)
         latency, raw_ms = time_trials(lambda: runtime.run(batch), plan, trials, on_progress)
         latency["inputs"] = "fixed"
     latency["batch_size"] = batch_size
@@ -112,9 +117,9 @@ def measure(request: dict) -> dict:
         from optimizer.shapes import length_axes
 
         axes = length_axes(artifact.inputs)
-        _LENGTHS["axes"] = axes
-        _LENGTHS["lengths"] = {name: archive[f"__length__{name}"] for name in axes
-                               if f"__length__{name}" in archive.files}
+        own = {name: archive[f"__length__{name}"] for name in axes if f"__length__{name}" in archive.files}
+    # Samples of varied length are stored padded to the longest: every batch below is cut to its own longest.
+    lengths = Lengths(axes, own) if own else None
 
     start = time.perf_counter()
     runtime = open_runtime(artifact, threads=request["threads"], options=request.get("runtime_options"))
@@ -122,7 +127,7 @@ def measure(request: dict) -> dict:
 
     fixed = runtime.fixed_batch
     latency_batch = fixed or request["latency"]["batch_size"]
-    first_batch = _fixed_batch(inputs, latency_batch, request["seed"])
+    first_batch = _fixed_batch(inputs, latency_batch, request["seed"], lengths)
     start = time.perf_counter()
     runtime.run(first_batch)
     first_inference_ms = (time.perf_counter() - start) * 1e3
@@ -133,30 +138,28 @@ def measure(request: dict) -> dict:
     # its own artifact, "timing" on its throwaway export. Anything else measures both here.
     parts = request.get("parts", "all")
     accuracy, accuracy_test, non_finite = ((None, None, 0) if parts == "timing"
-                                           else _score(runtime, inputs, labels, request, fixed))
+                                           else _score(runtime, inputs, labels, request, fixed, lengths))
+    # The input-size sweep's scoring (and BatchNorm re-estimation) needs no quiet machine: done before the lock.
+    scored_sizes = [] if parts == "timing" else _shape_sweep(runtime, request, latency_batch, fixed, score=True,
+                                                             timed=False)
     if parts == "accuracy":
         settings = runtime.settings()
-        shape_sweep = _shape_sweep(runtime, request, latency_batch, fixed, score=True, timed=False)
         runtime.close()
         return {"accuracy": accuracy, "non_finite_outputs": non_finite, "accuracy_test": accuracy_test,
-                "runtime": settings, "shape_sweep": shape_sweep}
-
-    # The input-size sweep's scoring (and BatchNorm re-estimation) needs no quiet machine: done before the lock.
-    scored_sizes = _shape_sweep(runtime, request, latency_batch, fixed, score=True, timed=False) \
-        if parts != "timing" else []
+                "runtime": settings, "shape_sweep": scored_sizes}
 
     # Timing waits for the machine's timing lock when a search runs several trials at once (timing_lock.py).
     with timing_lock():
         spec = request["latency"]
         plan = TimingPlan.from_spec(spec)
         latency, raw_ms = time_latency(runtime, inputs, spec, latency_batch, request["seed"],
-                                       lambda f: _progress("latency", f))
+                                       lambda f: _progress("latency", f), lengths=lengths)
         latency["runtime"] = runtime.name  # the report says per stage where its latency was timed
         np.save(request["raw_times_npy"], raw_ms)
         _progress("latency", 1.0)
 
         throughput_size = fixed or request["latency"]["throughput_batch_size"]
-        throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1)
+        throughput_batch = _fixed_batch(inputs, throughput_size, request["seed"] + 1, lengths)
         throughput = measure_throughput(runtime.offline_runner(throughput_batch), throughput_size, plan,
                                         int(spec.get("trials", 1)))
         _progress("throughput", 1.0)
@@ -166,7 +169,7 @@ def measure(request: dict) -> dict:
             if fixed and size != fixed:
                 sweep.append({"batch_size": size, "skipped": f"the model's batch is fixed at {fixed}"})
                 continue
-            batch = _fixed_batch(inputs, size, request["seed"] + 2)
+            batch = _fixed_batch(inputs, size, request["seed"] + 2, lengths)
             summary, _ = time_iterations(lambda b=batch: runtime.run(b), sweep_plan(plan))
             sweep.append({
                 "batch_size": size,
@@ -203,7 +206,7 @@ def measure(request: dict) -> dict:
 
 
 def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: dict,
-           fixed: int | None) -> tuple[dict, dict | None, int]:
+           fixed: int | None, lengths: Lengths | None) -> tuple[dict, dict | None, int]:
     """Run the eval set, score every sample with the recipe's metric and save what later stages pair with.
 
     Saved next to the result: ``predictions.npy`` (arg-max per sample, for the constant-prediction gate),
@@ -214,7 +217,7 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
 
     metric = m.Metric.from_settings(request.get("metric"))
     predictions, outputs, non_finite = _predict(runtime, inputs, len(labels), fixed or request["accuracy_batch_size"],
-                                                fixed, metric, "accuracy", cut=True)
+                                                fixed, metric, "accuracy", lengths=lengths)
     np.save(request["predictions_npy"], predictions)
 
     is_baseline = bool(request.get("is_baseline"))
@@ -241,12 +244,12 @@ def _score(runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, request: 
 
 
 def _predict(runtime, inputs: dict[str, np.ndarray], count_all: int, batch_size: int, fixed: int | None, metric,
-             phase: str, *, cut: bool = False) -> tuple[np.ndarray, np.ndarray | None, int]:
+             phase: str, *, lengths: Lengths | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Run every sample in batches: (arg-max per sample, what the metric keeps of the outputs, non-finite count).
 
     A model with a fixed batch gets its last partial batch padded with repeated samples, the padding's outputs
-    dropped. ``cut``: the inputs are the eval set as stored, so each batch is cut to its longest sample on the
-    dynamic axes (a sweep's inputs are already at the size being measured)."""
+    dropped. ``lengths``: the inputs are the eval set as stored (padded), so each batch is cut to its longest
+    sample on the dynamic axes (a sweep's inputs are already at the size being measured: none)."""
     from optimizer.measure import metrics as m
 
     predictions = np.empty(count_all, dtype=np.int64)
@@ -254,8 +257,7 @@ def _predict(runtime, inputs: dict[str, np.ndarray], count_all: int, batch_size:
     non_finite = 0
     for start_index in range(0, count_all, batch_size):
         batch = {name: array[start_index : start_index + batch_size] for name, array in inputs.items()}
-        if cut:
-            batch = _cut(batch, slice(start_index, start_index + batch_size))
+        batch = _cut(batch, slice(start_index, start_index + batch_size), lengths)
         count = len(next(iter(batch.values())))
         if fixed and count < fixed:
             batch = {name: np.concatenate([a, np.repeat(a[-1:], fixed - count, axis=0)]) for name, a in batch.items()}
@@ -284,31 +286,40 @@ def _shape_sweep(runtime, request: dict, batch_size: int, fixed: int | None, *, 
     points = request.get("shape_sweep") or []
     out = []
     plan = sweep_plan(TimingPlan.from_spec(request["latency"]))
+    metric = m.Metric.from_settings(request.get("metric"))
     for index, point in enumerate(points):
         entry: dict = {"size": point["size"], "shape": point["shape"], "source": point["source"]}
+        scoring = bool(score and point.get("accuracy") and metric.metric != "agreement")
+        with np.load(point["npz"], allow_pickle=False) as archive:
+            arrays = {spec.name: archive[spec.name] for spec in runtime.artifact.inputs}
+            labels = archive["__labels__"] if scoring else None
+            bn = {k.removeprefix("__bn__"): archive[k] for k in archive.files if k.startswith("__bn__")} \
+                if scoring else {}
         try:
-            with np.load(point["npz"], allow_pickle=False) as archive:
-                labels = archive["__labels__"]
-                arrays = {spec.name: archive[spec.name] for spec in runtime.artifact.inputs}
-                bn = {k.removeprefix("__bn__"): archive[k] for k in archive.files if k.startswith("__bn__")}
-            metric = m.Metric.from_settings(request.get("metric"))
-            if score and point.get("accuracy") and metric.metric != "agreement":
+            if scoring:
                 with _batchnorm_at(runtime, bn) as batchnorm:
                     predictions, outputs, non_finite = _predict(runtime, arrays, len(labels),
                                                                 fixed or request["accuracy_batch_size"], fixed,
                                                                 metric, "shapes")
-                scores = m.sample_scores(metric, predictions=predictions, kept=outputs, labels=labels,
-                                         reference=None, tolerate_non_finite=non_finite > 0)
-                summary = m.summarize(metric, scores, seed=int(request["seed"]))
-                entry["accuracy"] = {k: summary.get(k) for k in ("value", "n", "ci95", "interval") if k in summary}
-                entry["batchnorm"] = batchnorm
             if timed:
-                summary, _ = time_latency(runtime, arrays, request["latency"], batch_size, int(request["seed"]) + 3,
-                                          plan=plan, trials=1, cut=False)
-                entry.update({key: summary[key] for key in ("p50_ms", "p50_ci95_ms", "p90_ms", "iterations",
-                                                            "unstable", "inputs")})
-        except Exception as exc:  # a runtime's refusal comes in its own exception types
+                timing, _ = time_latency(runtime, arrays, request["latency"], batch_size, int(request["seed"]) + 3,
+                                         plan=plan, trials=1)
+        except Exception as exc:
+            # Only the runtime runs in this block: its refusal of this size comes in its own exception types
+            # (OpenVINO's and torch's RuntimeError, onnxruntime's own classes, our InputRejected).
             entry["error"] = f"{type(exc).__name__}: {first_line(exc, 200)}"
+            out.append(entry)
+            _progress("shapes", (index + 1) / len(points))
+            continue
+        if scoring:
+            scores = m.sample_scores(metric, predictions=predictions, kept=outputs, labels=labels,
+                                     reference=None, tolerate_non_finite=non_finite > 0)
+            summary = m.summarize(metric, scores, seed=int(request["seed"]))
+            entry["accuracy"] = {k: summary.get(k) for k in ("value", "n", "ci95", "interval") if k in summary}
+            entry["batchnorm"] = batchnorm
+        if timed:
+            entry.update({key: timing[key] for key in ("p50_ms", "p50_ci95_ms", "p90_ms", "iterations", "unstable",
+                                                       "inputs")})
         out.append(entry)
         _progress("shapes", (index + 1) / len(points))
     return out

@@ -18,7 +18,6 @@ the study sees the same sequence whichever executor ran it, and the same seed gi
 from __future__ import annotations
 
 import copy
-import errno
 import math
 import time
 from dataclasses import dataclass, field
@@ -235,6 +234,7 @@ class _Search:
 
         from optimizer.search.study import constraints, objective_values
 
+        from optimizer.errors import DiskFull
         from optimizer.search.trial import DISK_FULL
 
         full_disk = [o for o in outcomes if o.get("status") == DISK_FULL]
@@ -257,11 +257,10 @@ class _Search:
             self.study.tell(trial, state=TrialState.FAIL)
             self._log_outcome(outcome)
         if full_disk:
-            # Not the trials' fault, and every later trial would meet it too: stop as `optimizer run` does
-            # (run_search turns this into exit 5 with one line).
+            # Not the trials' fault, and every later trial would meet it too: stop as `optimizer run` does.
             first = full_disk[0]
-            raise OSError(errno.ENOSPC, f"No space left on device ({first.get('error')})",
-                          f"trial {first['number']}")
+            raise DiskFull(f"search: disk full in trial {first['number']} ({first.get('error')}); free some space "
+                           "and re-run with --resume (that trial runs again; finished trials stay in the journal)")
 
     def _log_outcome(self, outcome: dict[str, Any]) -> None:
         if outcome.get("accuracy") is None:

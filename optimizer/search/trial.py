@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from optimizer.errors import (GateFailed, Interrupted, OptimizerError, ResourceFailure, first_line, is_disk_full,
-                              one_line)
+from optimizer.errors import DiskFull, GateFailed, Interrupted, OptimizerError, first_line, is_disk_full, one_line
 
 #: A trial's status when the disk filled up under it: not the trial's fault, so the search stops (exit 5, as
 #: `optimizer run` does) and the trial stays open in the study, to run again on --resume.
@@ -55,7 +54,7 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
     except (KeyboardInterrupt, Interrupted):
         raise  # the search stops; the trial stays open in the study and runs again on --resume
     except OptimizerError as exc:
-        if isinstance(exc, ResourceFailure) and _says_disk_full(exc):
+        if isinstance(exc, DiskFull):
             return _disk_full(outcome, exc, started)
         produced = getattr(exc, "report", None)
         report = produced.data if produced is not None else None
@@ -77,11 +76,6 @@ def run_trial(request: dict[str, Any]) -> dict[str, Any]:
         outcome.update(figures)
         outcome["report"] = str(out / "report.json")
     return outcome
-
-
-def _says_disk_full(exc: ResourceFailure) -> bool:
-    text = str(exc)
-    return "disk full" in text or "disk is full" in text or is_disk_full(exc)
 
 
 def _disk_full(outcome: dict[str, Any], exc: BaseException, started: float) -> dict[str, Any]:
