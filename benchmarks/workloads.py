@@ -471,7 +471,10 @@ def check_workload(workload: Workload, out: Path) -> str | None:
 #                   calibration snippets at their own lengths, every snippet at its own length: what a careful
 #                   user does
 #   recipe-buckets  recipes/minilm_dynamic_int8_openvino.yaml: dynamic export, NNCF INT8 on ONNX, OpenVINO shape
-#                   buckets chosen from the eval lengths; timed through optimizer.deploy.open_final, as deployed
+#                   buckets chosen from the eval lengths, all in one compiled model (an If routes each input to its
+#                   bucket); timed through optimizer.deploy.open_final, as deployed
+#   buckets-apart   the same IR and buckets, each bucket compiled as a model of its own and each input padded to
+#                   its bucket in Python inside the timed call: what the toolkit did before, shown for comparison
 # The by-hand paths use the recipe's NNCF settings and calibration count, the same checkpoint, and the same
 # OpenVINO properties (f32 precision hint, 1 stream, --threads threads) as the toolkit. Each variant is timed
 # in a fresh process per trial, in rotating order: one call per snippet over every test snippet in a seeded
@@ -538,6 +541,26 @@ def lengths_worker(spec_path: Path) -> int:
 
         model = open_final(spec["final"], threads=spec["threads"])
         call = model.run
+    elif spec["variant"] == "buckets-apart":
+        import openvino as ov
+
+        from optimizer.runtimes.openvino_cpu import compile_properties
+        from optimizer.shapes import pick_bucket
+
+        core = ov.Core()
+        properties = compile_properties(precision="f32", performance_hint="latency", threads=spec["threads"])
+        sizes = json.loads((Path(spec["final"]) / "manifest.json").read_text())["buckets"]["sizes"]
+        ir = core.read_model(str(Path(spec["final"]) / "model.xml"))
+        requests = {}
+        for size in sizes:
+            static = ir.clone()
+            static.reshape({port.get_any_name(): ov.PartialShape([1, size]) for port in static.inputs})
+            requests[size] = core.compile_model(static, "CPU", properties).create_infer_request()
+
+        def call(feed: dict[str, np.ndarray]) -> np.ndarray:
+            length = feed["input_ids"].shape[1]
+            size = pick_bucket(sizes, length)
+            return requests[size].infer({n: np.pad(v, ((0, 0), (0, size - length))) for n, v in feed.items()})[0]
     else:
         import openvino as ov
 
@@ -589,12 +612,13 @@ def minilm_lengths(out: Path, *, trials: int, threads: int, quick: bool, fresh: 
     log(f"  recipe-buckets: built in {time.perf_counter() - started:.0f}s; buckets "
         f"{json.loads((report.path / 'final' / 'manifest.json').read_text()).get('buckets', {}).get('sizes')}")
     variants = {"fixed64-hand": {"xml": hand["fixed64"]}, "dynamic-hand": {"xml": hand["dynamic"]},
-                "recipe-buckets": {"final": str(report.path / "final")}}
+                "recipe-buckets": {"final": str(report.path / "final")},
+                "buckets-apart": {"final": str(report.path / "final")}}
     names = list(variants)
     results: dict[str, list[dict]] = {name: [] for name in names}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     for trial in range(trials):
-        for name in names[trial % 3:] + names[: trial % 3]:
+        for name in names[trial % len(names):] + names[: trial % len(names)]:
             log(f"  latency trial {trial + 1}/{trials}: {name}")
             spec = {**variants[name], "variant": name, "threads": threads, "seed": trial,
                     "result": str(out / f"{name}-{trial}.json")}
@@ -672,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
                                "trials": args.trials, "threads": args.threads, "workloads": {}}
     for name in chosen:
         if name == "minilm-lengths":
-            log("minilm-lengths: building 3 variants")
+            log("minilm-lengths: building the variants")
             text, figures = minilm_lengths(out / name, trials=args.trials, threads=args.threads, quick=args.quick,
                                            fresh=args.fresh, log=log)
             print("\n" + text, flush=True)

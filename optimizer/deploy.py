@@ -6,8 +6,8 @@
 
 The folder's files are checked against its manifest first (a changed file is refused, exit 3). The artifact
 is opened on the runtime it was measured on, with the settings it carries (OpenVINO's precision and
-performance hints); a shape-bucketed OpenVINO artifact pads each input to the smallest of the manifest's
-buckets that holds it, and a length outside the declared bounds is refused with the bounds (exit 3).
+performance hints); a shape-bucketed OpenVINO artifact runs each input (unpadded, at its own length) in the
+smallest of the manifest's buckets that holds it, and a length outside the declared bounds is refused with the bounds (exit 3).
 """
 
 from __future__ import annotations

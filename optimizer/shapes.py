@@ -3,8 +3,8 @@
 A recipe declares a non-batch axis dynamic with bounds (``model.inputs[].dynamic``); inputs that share the
 axis name share one length (MiniLM's ``input_ids`` and ``attention_mask``: ``seq``). Data sets keep their
 samples padded to a common size in memory, with each sample's own length alongside; a batch is cut to the
-longest sample in it. A bucketed model is a few static-shape copies of one model, and every input is padded
-to the smallest bucket that holds it. No torch or runtime imports (numpy and the recipe schema only): the
+longest sample in it. A bucketed model runs every input in a static-shape copy of the model at the smallest
+bucket that holds it, padded to that length. No torch or runtime imports (numpy and the recipe schema only): the
 measurement worker and the deploy loader import this.
 """
 

@@ -187,6 +187,34 @@ def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, 
         runtimes["bucketed"].run(mismatched)
 
 
+def test_one_compiled_model_routes_each_length_to_its_bucket_padded_with_the_pad_value() -> None:
+    """The If-routed model: what each body computes shows the bucket that ran and the values it was padded with."""
+    ov = pytest.importorskip("openvino")
+    from optimizer.runtimes.openvino_dispatch import dispatch_model
+    from optimizer.shapes import LengthAxis
+
+    ops = ov.opset13
+    x = ops.parameter(ov.PartialShape([-1, ov.Dimension(1, 64)]), ov.Type.f32, name="x")
+    x.output(0).get_tensor().set_names({"x"})
+    total = ops.reduce_sum(x, np.array([1]), keep_dims=True)  # the row's sum, padding included
+    positions = ops.reduce_sum(ops.add(ops.multiply(x, np.float32(0)), np.float32(1)), np.array([1]), keep_dims=True)
+    joined = ops.concat([total, positions], 1)
+    joined.output(0).get_tensor().set_names({"out"})
+    base = ov.Model([ops.result(joined)], [x], "row_sums")
+    axis = LengthAxis("seq", 1, 64, (("x", 1),))
+    model = dispatch_model(ov, base, [8, 16, 64], axis, 2, {"x": 0.5})
+    assert base.inputs[0].get_partial_shape().is_dynamic  # the IR itself is left as it was
+    bounds = model.inputs[0].get_partial_shape()
+    assert (bounds[0].get_length(), bounds[1].get_min_length(), bounds[1].get_max_length()) == (2, 1, 64)
+    assert model.outputs[0].get_any_name() == "out"
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    for length, bucket in ((1, 8), (8, 8), (9, 16), (16, 16), (17, 64), (40, 64), (64, 64)):
+        rows = np.arange(2 * length, dtype=np.float32).reshape(2, length)
+        out = compiled({"x": rows})[0]
+        np.testing.assert_allclose(out[:, 1], [bucket, bucket], err_msg=f"length {length}")
+        np.testing.assert_allclose(out[:, 0], rows.sum(1) + 0.5 * (bucket - length), err_msg=f"length {length}")
+
+
 def test_auto_buckets_minimize_padding() -> None:
     from optimizer.shapes import auto_buckets
 

@@ -37,8 +37,8 @@ class CompileOpenVinoConfig(PassConfig):
     )
     buckets: list[int] | Literal["auto"] | None = Field(
         default=None, description="Shape buckets for a model with a dynamic length (model.inputs[].dynamic, one "
-        "symbolic name): static-shape models compiled from the one IR, each input padded to the smallest bucket "
-        "that holds it (README, 'Inputs of varied length', compares it with one dynamic model). A list of lengths whose "
+        "symbolic name): static-shape copies of the one IR in one compiled model, each input routed to and padded to "
+        "the smallest bucket that holds it (README, 'Inputs of varied length', compares it with one dynamic model). A list of lengths whose "
         "largest is the axis's max, or 'auto': auto_buckets lengths chosen from the eval data's lengths to "
         "minimize the padded length. Unset: one model with bounded dynamic dimensions. The model must give the "
         "same result padded (pad_values), which the fidelity check verifies sample by sample.")

@@ -144,19 +144,16 @@ class OpenVinoRuntime(Runtime):
             raise InputRejected(f"{xml}: artifact.json lists buckets on '{buckets['axis']}', which is no dynamic axis "
                                 "of the inputs; re-run the compile stage")
         self._pad_values = {name: float(v) for name, v in (buckets or {}).get("pad_values", {}).items()}
-        # One fully static copy of the IR per bucket and batch size, each compiled once with its own request:
-        # the same IR, reshaped, so every bucket computes what the dynamic model would on the padded input. The
-        # batch is fixed too: a dimension left dynamic keeps OpenVINO on its slower dynamic-shape path. Batch 1
-        # (deployment, latency) is compiled here, so that no timed call ever compiles; other batch sizes (the
-        # accuracy pass) on first use.
+        # Buckets: one compiled model per batch size in which an If routes each input to a fully static copy of
+        # the IR at the smallest bucket that holds it (optimizer/runtimes/openvino_dispatch.py says why one model
+        # and not one per bucket). The batch is fixed too: a dimension left dynamic keeps OpenVINO on its slower
+        # dynamic-shape path. Batch 1 (deployment, latency) is compiled and every bucket run once here, so that
+        # no timed call ever compiles or prepares a bucket; other batch sizes (the accuracy pass) on first use.
         batch_dim = self.model.inputs[0].get_partial_shape()[0]
         self._ir_batch = None if batch_dim.is_dynamic else int(batch_dim.get_length())
-        self._models: dict[tuple[int, int], Any] = {}
-        self._slots: dict[tuple[int, int] | None, _Slot] = {}
+        self._slots: dict[int | None, _Slot] = {}
         if self.buckets:
-            for size in self.buckets:
-                self._slot(size, self._ir_batch or 1)
-            first = self._slots[(self.buckets[-1], self._ir_batch or 1)]
+            first = self._bucket_slot(self._ir_batch or 1)
         else:
             first = self._slots[None] = _Slot(self._compile(self.performance_hint, self.streams))
         self.compiled = first.compiled
@@ -168,41 +165,32 @@ class OpenVinoRuntime(Runtime):
         self._offline_by_bucket: dict[int | None, tuple[Any, Any]] = {}
         self._offline: tuple[Any, Any] | None = None
 
-    def _reshaped(self, size: int, batch: int) -> Any:
-        """The IR with the batch and the bucket's length fixed (inputs without the bucketed axis: the batch)."""
-        key = (size, batch)
-        if key not in self._models:
-            model = self.model.clone()
-            axis = self._bucket_axis
-            assert axis is not None
-            shapes = {}
-            for port in model.inputs:
-                dims = list(port.get_partial_shape())
-                dims[0] = self._ov.Dimension(batch)
-                for name, index in axis.places:
-                    if name == port.get_any_name():
-                        dims[index] = self._ov.Dimension(size)
-                shapes[port.get_any_name()] = self._ov.PartialShape(dims)
-            model.reshape(shapes)
-            self._models[key] = model
-        return self._models[key]
+    def _reshaped(self, size: int, batch: int | None) -> Any:
+        """The IR with the bucket's length fixed, and the batch too unless ``batch`` is None (kept as in the IR)."""
+        from optimizer.runtimes.openvino_dispatch import fixed_shapes
 
-    def _reshaped_length(self, size: int) -> Any:
-        """The IR with only the bucket's length fixed (the batch as in the IR)."""
+        assert self._bucket_axis is not None
         model = self.model.clone()
-        axis = self._bucket_axis
-        assert axis is not None
-        model.reshape({port.get_any_name(): self._ov.PartialShape(
-            [self._ov.Dimension(size) if (port.get_any_name(), d) in axis.places else dim
-             for d, dim in enumerate(port.get_partial_shape())]) for port in model.inputs})
+        model.reshape(fixed_shapes(self._ov, model, self._bucket_axis, size, batch))
         return model
 
-    def _slot(self, size: int, batch: int) -> "_Slot":
-        """The compiled bucket for this batch size (compiled on first use)."""
-        slot = self._slots.get((size, batch))
+    def _bucket_slot(self, batch: int) -> "_Slot":
+        """The compiled model holding every bucket at this batch size (compiled, and each bucket run once, on
+        first use)."""
+        slot = self._slots.get(batch)
         if slot is None:
-            slot = self._slots[(size, batch)] = _Slot(
-                self._compile(self.performance_hint, self.streams, self._reshaped(size, batch)))
+            from optimizer.runtimes.openvino_dispatch import dispatch_model
+
+            axis = self._bucket_axis
+            assert axis is not None
+            model = dispatch_model(self._ov, self.model, self.buckets, axis, batch, self._pad_values)
+            slot = self._slots[batch] = _Slot(self._compile(self.performance_hint, self.streams, model))
+            for size in self.buckets:  # the first call into a bucket prepares it: never inside a timed call
+                slot.request.infer({port.get_any_name(): np.full(
+                    [batch if d == 0 else (size if (port.get_any_name(), d) in axis.places else int(dim.get_length()))
+                     for d, dim in enumerate(port.get_partial_shape())],
+                    self._pad_values.get(port.get_any_name(), 0.0), dtype=port.get_element_type().to_dtype())
+                    for port in model.inputs})
         return slot
 
     def _compile(self, hint: str, streams: int | None, model: Any = None):
@@ -237,13 +225,13 @@ class OpenVinoRuntime(Runtime):
         return None if dim.is_dynamic else int(dim.get_length())
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        bucket, length = self.route(inputs) if self.axes else (None, None)
-        slot = self._slots[None] if bucket is None else self._slot(bucket, len(next(iter(inputs.values()))))
-        if bucket is not None and length != bucket:
-            # Padded into a buffer kept per bucket and batch size and bound once: the copy (a few hundred bytes
-            # for a sentence) is redone every call, so an input changed in place is always read as it is now.
-            inputs = slot.padded_view(self, inputs, bucket)
-        return slot.run(self, inputs)
+        if self.buckets:
+            self.route(inputs)  # bounds checked here, with the bounds in the message; the graph picks the bucket
+            batch = self._ir_batch or len(next(iter(inputs.values())))
+            return self._bucket_slot(batch).run(self, inputs)
+        if self.axes:
+            self.route(inputs)
+        return self._slots[None].run(self, inputs)
 
     def _run_slot(self, slot: "_Slot", inputs: dict[str, np.ndarray]) -> np.ndarray:
         # Inputs are bound to the request as tensors over the caller's memory (no copy), and stay bound while
@@ -275,7 +263,7 @@ class OpenVinoRuntime(Runtime):
             inputs = self.padded(inputs, bucket)
         if bucket not in self._offline_by_bucket:
             # The batch is split over the streams' requests below, so this copy keeps the IR's batch dimension.
-            compiled = self._compile("throughput", None, self._reshaped_length(bucket) if bucket is not None else None)
+            compiled = self._compile("throughput", None, self._reshaped(bucket, None) if bucket is not None else None)
             self._offline_by_bucket[bucket] = (compiled, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self._offline = self._offline_by_bucket[bucket]
         compiled, requests = self._offline
@@ -335,27 +323,14 @@ class OpenVinoRuntime(Runtime):
 
 
 class _Slot:
-    """One compiled model (a bucket, or the only model) with its infer request, the arrays bound to it and,
-    per batch size, the padding buffers bound in place of inputs shorter than the bucket."""
+    """One compiled model (every bucket of one batch size, or the only model) with its infer request and the
+    arrays bound to it."""
 
     def __init__(self, compiled: Any):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self.infer = bare_infer(self.request)
         self.bound: dict[str, tuple[np.ndarray]] = {}
-        self.buffers: dict[int, dict[str, np.ndarray]] = {}
-
-    def padded_view(self, runtime: OpenVinoRuntime, inputs: dict[str, np.ndarray], bucket: int) -> dict[str, np.ndarray]:
-        axis = runtime._bucket_axis
-        assert axis is not None
-        batch = len(next(iter(inputs.values())))
-        buffers = self.buffers.get(batch)
-        if buffers is None:
-            buffers = self.buffers[batch] = runtime.padded(inputs, bucket)
-            return dict(inputs) | {name: buffers[name] for name, _ in axis.places}
-        for name, index in axis.places:
-            pad_into(buffers[name], inputs[name], index, runtime._pad_values.get(name, 0.0))
-        return dict(inputs) | {name: buffers[name] for name, _ in axis.places}
 
     def run(self, runtime: OpenVinoRuntime, inputs: dict[str, np.ndarray]) -> np.ndarray:
         return runtime._run_slot(self, inputs)
