@@ -215,6 +215,21 @@ def test_one_compiled_model_routes_each_length_to_its_bucket_padded_with_the_pad
         np.testing.assert_allclose(out[:, 0], rows.sum(1) + 0.5 * (bucket - length), err_msg=f"length {length}")
 
 
+def test_auto_buckets_come_from_the_calibration_lengths_never_the_eval_data(exported, tmp_path: Path) -> None:
+    from optimizer.passes.compile_openvino import CompileOpenVino
+    from optimizer.testing import check_pass
+
+    # Calibration snippets cut at 16 word pieces, eval snippets up to 64: buckets chosen from the calibration
+    # lengths put every snippet but the longest into one bucket of at most 16.
+    data = minilm_recipe()
+    data["data"]["calibration"]["kwargs"]["max_length"] = 16
+    report = check_pass(CompileOpenVino, {"verify_samples": 4, "buckets": "auto", "auto_buckets": 2}, source=exported,
+                        data=data, repeat=False, deterministic=False, work_dir=tmp_path / "auto")
+    assert report.ok, report.violations
+    sizes = report.output.meta["buckets"]["sizes"]
+    assert len(sizes) == 2 and sizes[0] <= 16 and sizes[1] == 128 and report.output.meta["buckets"]["chosen"] == "auto"
+
+
 def test_auto_buckets_minimize_padding() -> None:
     from optimizer.shapes import auto_buckets
 

@@ -39,7 +39,7 @@ class CompileOpenVinoConfig(PassConfig):
         default=None, description="Shape buckets for a model with a dynamic length (model.inputs[].dynamic, one "
         "symbolic name): static-shape copies of the one IR in one compiled model, each input routed to and padded to "
         "the smallest bucket that holds it (README, 'Inputs of varied length', compares it with one dynamic model). A list of lengths whose "
-        "largest is the axis's max, or 'auto': auto_buckets lengths chosen from the eval data's lengths to "
+        "largest is the axis's max, or 'auto': auto_buckets lengths chosen from the calibration data's lengths to "
         "minimize the padded length. Unset: one model with bounded dynamic dimensions. The model must give the "
         "same result padded (pad_values), which the fidelity check verifies sample by sample.")
     auto_buckets: int = Field(default=4, ge=1, le=16, description="How many buckets 'buckets: auto' chooses.")
@@ -143,6 +143,10 @@ class CompileOpenVino(Pass):
         """Called by validation with the model's inputs: bucket settings that cannot work fail before a run."""
         check_buckets(self.config, inputs)  # type: ignore[arg-type]
 
+    def required_data(self) -> tuple[str, ...]:
+        # buckets: auto chooses its lengths from the calibration split (see _buckets).
+        return ("eval", "calibration") if self.config.buckets == "auto" else ("eval",)  # type: ignore[attr-defined]
+
     def run(self, artifact: Artifact, ctx: PassContext) -> Artifact:
         from optimizer.models import check_onnx_external_data
         from optimizer.passes.export_onnx import compare_outputs
@@ -230,7 +234,14 @@ class CompileOpenVino(Pass):
             raise RecipeError(f"stage '{ctx.stage}': {exc}") from None
         axis = next(iter(length_axes(artifact.inputs).values()))
         if cfg.buckets == "auto":
-            sizes = auto_buckets(ctx.data.eval().lengths[axis.name], cfg.auto_buckets, axis.max)
+            # Chosen from the calibration split, never the eval split: buckets tuned to the test data would flatter
+            # the latency measured on it.
+            lengths = ctx.data.calibration().lengths.get(axis.name)
+            if lengths is None or not len(lengths):
+                raise RecipeError(f"stage '{ctx.stage}': buckets: auto chooses lengths from data.calibration, which "
+                                  f"gives no per-sample lengths of '{axis.name}'; load it at each sample's own "
+                                  "length (e.g. pad: longest) or list the buckets")
+            sizes = auto_buckets(lengths, cfg.auto_buckets, axis.max)
         else:
             sizes = sorted(set(cfg.buckets))
         return {"axis": axis.name, "sizes": sizes, "chosen": "auto" if cfg.buckets == "auto" else "listed",
