@@ -151,3 +151,32 @@ def test_compare_tells_python_metrics_apart_by_module(tmp_path: Path) -> None:
     markdown, _ = compare(runs)
     assert ("different accuracy metrics (run_a: score (python:a.metrics:score); run_b: score "
             "(python:b.metrics:score))") in markdown
+
+
+def test_compare_puts_every_runs_input_size_sweep_in_one_chart_and_table(tmp_path: Path) -> None:
+    """Runs that swept evaluate.latency.shapes: one line per run and stage, sizes either run measured."""
+    reports = []
+    for name, sizes, scale in (("fixed", (16, 32), 1.0), ("buckets", (16, 32, 64), 0.6)):
+        report = copy.deepcopy(synthetic_report(optional=False, recipe_name=name))  # the template is shared
+        for stage in report["stages"]:
+            stage["shape_sweep"] = [{"size": s, "p50_ms": scale * s / 16, "p50_ci95_ms": [scale * s / 17, scale * s / 15],
+                                     "shape": {"input_ids": [1, s]}} for s in sizes]
+        reports.append(write_run(tmp_path / name, report, raw=False))
+    markdown, page = compare(reports)
+    assert "## Latency against input size" in markdown
+    assert "| run: stage | size 16 | size 32 | size 64 |" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| fixed: int8 |"))
+    assert row.rstrip().endswith("| – |")  # the fixed run did not measure 64
+    assert "| buckets: int8 | 0.600 ms" in markdown
+    chart = next(c for c in re.findall(r"<svg\b.*?</svg>", page, flags=re.S) if "Latency against input size" in c)
+    ET.fromstring(chart)
+    assert "fixed: int8" in page and "buckets: baseline" in page
+    # Reports without a sweep leave the section out.
+    plain = []
+    for name in ("a", "b"):
+        report = copy.deepcopy(synthetic_report(optional=False, recipe_name=name))
+        for stage in report["stages"]:
+            stage.pop("shape_sweep", None)
+        plain.append(write_run(tmp_path / "plain" / name, report, raw=False))
+    markdown, page = compare(plain)
+    assert "Latency against input size" not in markdown and "Latency against input size" not in page

@@ -166,6 +166,56 @@ def _delta_note(views: Sequence[MetricView]) -> str:
     return f"Speedup and Δ {shared.name if shared else 'accuracy'} are against each run's own baseline."
 
 
+def _shape_rows(labels: Sequence[str], reports: Sequence[dict[str, Any]]) -> tuple[list[int], list[tuple[str, list[Any]]]]:
+    """evaluate.latency.shapes of every run that swept sizes: (every size any run measured, a row of cells per
+    run and stage, '–' where that run did not measure the size)."""
+    from optimizer.report.rows import ShapeCell, shape_table
+
+    tables = [(label, *shape_table(report)[:2]) for label, report in zip(labels, reports)]
+    sizes = sorted({size for _, run_sizes, _ in tables for size in run_sizes})
+    missing = ShapeCell("–", "", False, None)
+    rows = []
+    for label, run_sizes, run_rows in tables:
+        for name, cells in run_rows:
+            by_size = dict(zip(run_sizes, cells))
+            rows.append((f"{label}: {name}", [by_size.get(size, missing) for size in sizes]))
+    return sizes, rows
+
+
+def _shapes_markdown(labels: Sequence[str], reports: Sequence[dict[str, Any]], latency_warn: Sequence[str]) -> list[str]:
+    sizes, rows = _shape_rows(labels, reports)
+    if not rows:
+        return []
+    body = [[name] + [c.latency + (" unstable" if c.unstable else "") + (f"; {c.accuracy}" if c.accuracy else "")
+                      for c in cells] for name, cells in rows]
+    caveat = ["", "The environments differ: compare latency across sizes only within a run."] if latency_warn else []
+    return ["", "## Latency against input size", "",
+            "p50 latency (95 % interval) per run and stage and, where the data was loaded at that size, accuracy.",
+            "", *table(["run: stage", *(f"size {size}" for size in sizes)], body), *caveat]
+
+
+def _shapes_html(labels: Sequence[str], reports: Sequence[dict[str, Any]], latency_warn: Sequence[str]) -> str:
+    from optimizer.report.rows import shape_series
+
+    sizes, rows = _shape_rows(labels, reports)
+    if not rows:
+        return ""
+    series = [(f"{label}: {name}", points) for label, report in zip(labels, reports)
+              for name, points in shape_series(report)]
+    head = "".join(f'<th scope="col">size {size}</th>' for size in sizes)
+    body = "".join(f"<tr><td>{esc(name)}</td>" + "".join(
+        f"<td>{esc(c.latency)}" + (f"<small>{esc(c.accuracy)}</small>" if c.accuracy else "") + "</td>" for c in cells)
+        + "</tr>" for name, cells in rows)
+    caveat = " The environments differ: compare latency across sizes only within a run." if latency_warn else ""
+    return ('<section id="shapes"><h2>Latency against input size</h2><figure>'
+            + charts.shape_chart(series, metric="p50_ms", width=1100, height=420)
+            + "</figure>" + charts.sweep_legend([name for name, _ in series])
+            + f"<figcaption>p50 latency at each input size (with the 95 % interval of the median), one line per run "
+              f"and stage.{esc(caveat)}</figcaption>"
+            + f'<div class="scroll"><table class="sweep"><thead><tr><th scope="col">run: stage</th>{head}</tr>'
+              f"</thead><tbody>{body}</tbody></table></div></section>")
+
+
 def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> str:
     lines = [f"# Comparison of {len(reports)} runs: {', '.join(md(label) for label in labels)}", ""]
     if latency_warn:
@@ -184,6 +234,7 @@ def _markdown(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -
     lines += ["", *table(columns(views), [[c.text + (" ★" if i == 1 and rec else "") for i, c in enumerate(cells)]
                                           for _, cells, rec, _ in rows]), "",
               f"★ recommended deployable of its run. {_delta_note(views)}"]
+    lines += _shapes_markdown(labels, reports, latency_warn)
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +289,7 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> st
         # One vertical axis cannot hold figures in different metrics (nor different units).
         parts.append("<section><h2>Accuracy against latency</h2><p>No chart: the runs were scored with different "
                      "accuracy metrics, which one axis cannot compare.</p></section>")
+        parts.append(_shapes_html(labels, reports, latency_warn))
         parts.append("<section><h2>Environments</h2>" + _env_table(labels, reports) + "</section>")
         return page(f"Comparison: {', '.join(labels)}", "".join(parts))
     points = []
@@ -258,6 +310,7 @@ def _html(labels, reports, recs, rows, latency_warn, accuracy_warn, views) -> st
                  + charts.tradeoff_legend(series=labels)
                  + f"<figcaption>On the Pareto front: {esc(', '.join(points[i].label for i in front))}.{esc(caveat)}"
                    "</figcaption></figure></section>")
+    parts.append(_shapes_html(labels, reports, latency_warn))
     parts.append("<section><h2>Environments</h2>" + _env_table(labels, reports) + "</section>")
     return page(f"Comparison: {', '.join(labels)}", "".join(parts))
 
