@@ -262,7 +262,26 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; SIGTERM (a scheduler, ``timeout``, ``docker stop``) stops it the way Ctrl-C does: trial
+    and measurement processes are stopped too, earlier outputs stay intact, and the exit status is 130."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"run": _cmd_run, "search": _cmd_search, "validate": _cmd_validate, "passes": _cmd_passes, "schema": _cmd_schema,

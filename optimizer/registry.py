@@ -30,6 +30,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune.structured": "optimizer.passes.prune_structured:PruneStructured",
     "recover.batchnorm": "optimizer.passes.recover:RecoverBatchNorm",
     "recover.reconstruct": "optimizer.passes.recover:RecoverReconstruct",
+    "resize.input": "optimizer.passes.resize_input:ResizeInput",
 }
 
 _registered: dict[str, type["Pass"]] = {}

@@ -143,7 +143,7 @@ class Runner:
         self.notes: list[str] = []
         self.cache = StageCache(cache_dir or out_dir / CACHE_DIR_NAME, read=resume, shared=cache_dir is not None,
                                 notify=self._note)
-        self._eval_npz: Path | None = None
+        self._eval_npz: dict[tuple[tuple[int, ...], ...], Path] = {}  # per input shapes (resize.input)
         self._shape_points: list[dict[str, Any]] | None = None
         self._baseline_predictions: np.ndarray | None = None
         # Where torch stages are timed: None for PyTorch eager, else the deployment runtime (measure/deploy_timing).
@@ -248,7 +248,9 @@ class Runner:
             instance = pass_cls(pass_cls.Config.model_validate(stage.with_))
             references = {name: artifacts[name] for name in instance.stage_references() if name in artifacts}
             parts = stage_key_parts(stage.name, pass_cls, stage.with_, current, references, common)
-            ctx = PassContext(stage=stage.name, work_dir=artifacts_dir / stage.name, recipe=self.loaded, data=data,
+            # The data at the resolution the stage's input artifact takes (resize.input may have changed it).
+            ctx = PassContext(stage=stage.name, work_dir=artifacts_dir / stage.name, recipe=self.loaded,
+                              data=data.at_inputs(current.inputs),
                               progress=self.progress, threads=self.threads, seed=recipe.seed,
                               artifacts=dict(artifacts))
 
@@ -421,20 +423,22 @@ class Runner:
         return error
 
     # ------------------------------------------------------------------------------- data and measuring
-    def _eval_arrays(self, data: DataProvider, staging: Path) -> Path:
-        """The eval set as one .npz for the measurement processes; written on first need only, so a fully
-        cached run never loads the data."""
-        if self._eval_npz is None:
+    def _eval_arrays(self, data: DataProvider, inputs: list[Any], staging: Path) -> Path:
+        """The eval set, as an artifact with ``inputs`` takes it, as one .npz for the measurement processes;
+        written on first need only, so a fully cached run never loads the data. Artifacts served at another
+        resolution (resize.input) get their own, loaded at that size."""
+        shapes = tuple(tuple(spec.shape) for spec in inputs)
+        if shapes not in self._eval_npz:
             self.progress.update("loading eval data")
-            eval_data = data.eval()
+            eval_data = data.at_inputs(inputs).eval()
             work = staging / ".work"
             work.mkdir(parents=True, exist_ok=True)
-            path = work / "eval.npz"
+            path = work / ("eval.npz" if not self._eval_npz else f"eval-{len(self._eval_npz)}.npz")
             # Each sample's own length on every dynamic axis travels along: the worker cuts batches to them.
             lengths = {f"__length__{name}": own for name, own in eval_data.lengths.items()}
             np.savez(path, __labels__=eval_data.labels, **lengths, **eval_data.inputs)
-            self._eval_npz = path
-        return self._eval_npz
+            self._eval_npz[shapes] = path
+        return self._eval_npz[shapes]
 
     def _shape_sweep(self, data: DataProvider, staging: Path) -> list[dict[str, Any]]:
         """evaluate.latency.shapes: the data at each size, written once for every stage's measurement."""
@@ -448,7 +452,7 @@ class Runner:
 
     def _measure(self, artifact: Artifact, stage: str, data: DataProvider, staging: Path,
                  measurements: Path) -> dict[str, Any]:
-        eval_npz = self._eval_arrays(data, staging)
+        eval_npz = self._eval_arrays(data, artifact.inputs, staging)
         shape_points = self._shape_sweep(data, staging)
         timing_artifact, fallback, folder = self._throwaway(artifact, stage, data, staging)
         try:
@@ -470,7 +474,7 @@ class Runner:
         shutil.rmtree(folder, ignore_errors=True)
         self.progress.update(f"throwaway export for timing on {timing.describe()}")
         try:
-            samples = data.eval().batch(0, max(CHECK_SAMPLES, artifact.inputs[0].shape[0]))
+            samples = data.at_inputs(artifact.inputs).eval().batch(0, max(CHECK_SAMPLES, artifact.inputs[0].shape[0]))
             made = throwaway_artifact(artifact, timing, folder, samples, threads=self.threads, stage=stage)
         except MemoryError:
             raise

@@ -362,6 +362,8 @@ def stage_key_parts(stage_name: str, pass_cls: type, config: dict[str, Any], inp
     return {
         "stage": stage_name,
         "input": input_artifact.sha256,
+        # The files alone do not say which shape the artifact takes: resize.input keeps the weights and changes it.
+        "input_shapes": [[spec.name, list(spec.shape)] for spec in input_artifact.inputs],
         "references": {name: artifact.sha256 for name, artifact in sorted(references.items())},
         "pass": pass_cls.name,
         "pass_version": getattr(pass_cls, "version", None),

@@ -142,6 +142,13 @@ def _validate(loaded: LoadedRecipe, out: Path | None) -> list[Check]:
                 check_inputs(list(model.inputs))
             except ValueError as exc:
                 raise RecipeError(f"stages.{index} ({stage.name}): {exc}") from None
+        # And against the recipe's data (resize.input: data it can load at another size).
+        check_data = getattr(instance, "check_data", None)
+        if callable(check_data):
+            try:
+                check_data(recipe.data)
+            except ValueError as exc:
+                raise RecipeError(f"stages.{index} ({stage.name}): {exc}") from None
         form = pass_cls.output_form_for(form)
         chain.append(form)
         for need in instance.required_data():

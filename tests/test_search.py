@@ -321,6 +321,28 @@ def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_
     assert (out / "final" / "manifest.json").is_file()
 
 
+def test_sigterm_mid_trial_stops_the_search_and_its_trial_like_ctrl_c(example_checkpoint, tmp_path):
+    """A scheduler's SIGTERM: exit 130 with the resume hint, and no trial process left running (trials run in
+    their own process group, which a signal to the search alone never reaches)."""
+    recipe = search_recipe(example_checkpoint, trials=2)
+    path = write_recipe(tmp_path, recipe)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "optimizer", "search", str(path), "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=default_sigint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list((out / ".work").glob("*0000.request.json")):
+        time.sleep(0.2)
+    time.sleep(2.0)  # the trial's process is running its chain
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert b"--resume" in err
+    left = subprocess.run(["pgrep", "-f", str(out / ".work")], capture_output=True, text=True).stdout.split()
+    assert not left, f"trial processes still running: {left}"
+    assert not (out / "final").exists()
+
+
 # ------------------------------------------------------------------------------- resume and the choice
 
 

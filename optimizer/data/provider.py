@@ -12,10 +12,27 @@ Split = Literal["eval", "calibration", "train", "validation"]
 
 
 class DataProvider:
-    def __init__(self, loaded: LoadedRecipe, inputs: list[InputSpec]):
+    def __init__(self, loaded: LoadedRecipe, inputs: list[InputSpec], *, side: int | None = None):
         self._loaded = loaded
         self._inputs = inputs
+        self._side = side
+        """Images loaded at side × side instead of the recipe's size (an artifact served at another resolution)."""
         self._cache: dict[str, ArrayData] = {}
+        self._at: dict[tuple[tuple[int, ...], ...], DataProvider] = {}
+
+    def at_inputs(self, inputs: list[InputSpec]) -> "DataProvider":
+        """The data as an artifact with these ``inputs`` takes it: this provider when their shapes are the ones it
+        loads for; else (an input resolution changed by resize.input) the same splits with the images loaded
+        again at the new height and width, properly resampled from the source images."""
+        shapes = tuple(tuple(spec.shape) for spec in inputs)
+        if shapes == tuple(tuple(spec.shape) for spec in self._inputs):
+            return self
+        if shapes not in self._at:
+            from optimizer.measure.shape_sweep import image_side
+
+            side = image_side(self._inputs, inputs)
+            self._at[shapes] = DataProvider(self._loaded, list(inputs), side=side)
+        return self._at[shapes]
 
     def has(self, split: Split) -> bool:
         return getattr(self._loaded.recipe.data, split) is not None
@@ -25,6 +42,14 @@ class DataProvider:
             spec = getattr(self._loaded.recipe.data, split)
             if spec is None:
                 raise RecipeError(f"data.{split}: this recipe needs a '{split}' data set; add data.{split}")
+            if self._side is not None:
+                from optimizer.measure.shape_sweep import IMAGE_KINDS, resized_spec
+
+                if getattr(spec, "dataset", None) not in IMAGE_KINDS or getattr(spec, "resize", None) is None:
+                    raise RecipeError(f"data.{split}: a stage serves the model at {self._side}×{self._side}, but only "
+                                      f"image data sets with 'resize' ({', '.join(IMAGE_KINDS)}) can be loaded at "
+                                      f"another size; add resize to data.{split} or drop the resize.input stage")
+                spec = resized_spec(spec, self._side)
             self._cache[split] = load_dataset(
                 spec,
                 inputs=self._inputs,

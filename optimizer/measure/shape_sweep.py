@@ -131,6 +131,19 @@ def resized_spec(spec: Any, size: int) -> Any:
     return spec.model_copy(update={"resize": size})
 
 
+def image_side(before: list["InputSpec"], after: list["InputSpec"]) -> int:
+    """The new side of the one square image input whose height and width changed between ``before`` and
+    ``after`` (resize.input); RecipeError for any other change of shape."""
+    changed = [(b, a) for b, a in zip(before, after) if list(b.shape) != list(a.shape)]
+    if (len(before) != len(after) or len(changed) != 1 or len(changed[0][1].shape) != 4
+            or list(changed[0][0].shape[:2]) != list(changed[0][1].shape[:2])
+            or changed[0][1].shape[2] != changed[0][1].shape[3]):
+        raise RecipeError("the inputs changed shape in a way the data cannot follow (only the height and width of "
+                          f"one square image input can change): {[s.shape for s in before]} -> "
+                          f"{[s.shape for s in after]}")
+    return int(changed[0][1].shape[2])
+
+
 def sized_inputs(inputs: list["InputSpec"], axes: SweptAxes, size: int) -> list["InputSpec"]:
     """The input specs with the swept axes set to ``size``."""
     out = []
