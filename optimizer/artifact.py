@@ -30,6 +30,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def verify_files(folder: Path, files: dict[str, str], *, changed: str) -> None:
+    """Check each of ``files`` (name -> sha256) in ``folder``; the first missing or different one is refused
+    (InputRejected, exit 3) as "<file>: missing or changed <changed>", which says since when and what to do."""
+    for name, expected in files.items():
+        file = folder / name
+        if not file.is_file() or sha256_file(file) != expected:
+            raise InputRejected(f"{file}: missing or changed {changed}")
+
+
 @dataclass
 class Artifact:
     """Handle to a model on disk. Passes receive one and return a new one; nothing is kept in memory."""
@@ -112,7 +121,4 @@ class Artifact:
 
     def verify(self) -> None:
         """Check every file against the hash recorded when the artifact was written."""
-        for name, expected in self.files.items():
-            file = self.path / name
-            if not file.is_file() or sha256_file(file) != expected:
-                raise InputRejected(f"{file}: missing or changed since the artifact was written; re-run the stage")
+        verify_files(self.path, self.files, changed="since the artifact was written; re-run the stage")

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.artifact import Artifact, sha256_file
+from optimizer.artifact import Artifact, verify_files
 from optimizer.errors import InputRejected
 from optimizer.publish import MANIFEST_FILE
 
@@ -89,10 +89,8 @@ def open_final(folder: str | Path, *, threads: int = 1, verify: bool = True) -> 
     except (OSError, ValueError) as exc:
         raise InputRejected(f"{manifest_path}: not a readable manifest ({exc}); point at a run's final/ folder") from None
     if verify:
-        for name, expected in (manifest.get("files") or {}).items():
-            path = folder / name
-            if not path.is_file() or sha256_file(path) != expected:
-                raise InputRejected(f"{path}: missing or changed since it was published; publish the run again")
+        # Against the manifest, written when final/ was published, rather than the artifact.json beside the files.
+        verify_files(folder, manifest.get("files") or {}, changed="since it was published; publish the run again")
     artifact = Artifact.load(folder)
     if manifest.get("buckets") and manifest["buckets"] != artifact.meta.get("buckets"):
         raise InputRejected(f"{manifest_path}: its buckets differ from those in artifact.json; publish the run again")

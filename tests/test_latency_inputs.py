@@ -196,6 +196,29 @@ def test_batchnorm_statistics_are_re_estimated_for_a_size_then_put_back(eager_ru
         assert done is None
 
 
+def test_each_size_stores_only_what_its_measurement_reads(example_checkpoint: Path, tmp_path: Path) -> None:
+    from optimizer.data.provider import DataProvider
+    from optimizer.measure.shape_sweep import LATENCY_SAMPLES, write_points
+    from optimizer.recipe import load_recipe
+
+    recipe = _sweep_recipe(example_checkpoint, shapes=[20], shape_batchnorm=True)
+    recipe["data"]["calibration"]["samples"] = 700
+    loaded = load_recipe(recipe)
+    (point,) = write_points(loaded, DataProvider(loaded, loaded.recipe.model.inputs), tmp_path / "scored")
+    with np.load(point["npz"]) as archive:
+        assert point["accuracy"] and sorted(archive.files) == ["__bn__images", "__labels__", "images"]
+        assert archive["images"].shape == (300, 1, 20, 20) and archive["__labels__"].shape == (300,)
+        # BatchNorm re-estimation reads recover.batchnorm's 20 batches of 32: the rest of the 700 are not stored.
+        assert archive["__bn__images"].shape == (640, 1, 20, 20)
+    # Agreement scores nothing at a size (the baseline's outputs are at its own): a few samples to time, no labels.
+    recipe["evaluate"]["accuracy"]["metric"] = "agreement"
+    loaded = load_recipe(recipe)
+    (point,) = write_points(loaded, DataProvider(loaded, loaded.recipe.model.inputs), tmp_path / "timed")
+    with np.load(point["npz"]) as archive:
+        assert not point["accuracy"] and archive.files == ["images"]
+        assert archive["images"].shape == (min(300, LATENCY_SAMPLES), 1, 20, 20)
+
+
 def test_shape_sweep_run_reports_latency_and_accuracy_per_size_in_every_format(example_checkpoint: Path,
                                                                                 tmp_path: Path) -> None:
     """A torch chain (BatchNorm re-estimation as the stage) swept over three resolutions of real Fashion-MNIST,
@@ -210,6 +233,7 @@ def test_shape_sweep_run_reports_latency_and_accuracy_per_size_in_every_format(e
         assert stage["latency"]["inputs"] == "eval" and stage["latency"]["input_samples"] == 300
         points = stage["shape_sweep"]
         assert [p["size"] for p in points] == [20, 28, 40]
+        # Each point's shape is read from the arrays its timing was fed: every size was timed at that size.
         assert [p["shape"]["images"] for p in points] == [[1, 1, s, s] for s in (20, 28, 40)]
         for p in points:
             assert "error" not in p and p["p50_ms"] > 0 and p["p50_ci95_ms"][0] <= p["p50_ms"] <= p["p50_ci95_ms"][1]

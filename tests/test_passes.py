@@ -176,3 +176,64 @@ def test_export_with_torchscript_exporter_and_static_batch(example_checkpoint: P
     assert model.opset_import[0].version == 17
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
     assert report.stage("export")["details"]["fidelity"]["within_tolerance"]
+
+
+def length_fixed_at_export():
+    """A model whose forward turns its input's length into a Python int: PyTorch takes any length, while a traced
+    export keeps the ramp of the length it was traced at, so onnxruntime refuses every other one."""
+    import torch
+    from torch import nn
+
+    class LengthFixedAtExport(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ramp = torch.arange(int(x.shape[1]), dtype=x.dtype)
+            return (x + ramp).sum(dim=1, keepdim=True) * self.scale
+
+    return LengthFixedAtExport()
+
+
+def test_an_export_that_fails_at_a_verify_length_is_a_one_line_gate_naming_stage_and_length(tmp_path: Path) -> None:
+    import numpy as np
+
+    from optimizer.artifact import Artifact
+    from optimizer.data.datasets import ArrayData
+    from optimizer.passes.base import PassContext
+    from optimizer.passes.export_onnx import ExportOnnx
+    from optimizer.progress import Progress
+    from optimizer.recipe import InputSpec
+    from optimizer.shapes import length_axes
+    from optimizer.torch_structure import save_module_weights
+
+    inputs = [InputSpec(name="x", shape=[1, 16], dtype="float32", dynamic={1: {"name": "seq", "min": 4, "max": 32}})]
+    source = tmp_path / "source"
+    source.mkdir()
+    save_module_weights(length_fixed_at_export(), source / "model.safetensors")
+    artifact = Artifact("torch", source, "model.safetensors", inputs,
+                        meta={"kind": "factory", "factory": "tests.test_passes:length_fixed_at_export",
+                              "kwargs": {}}).finalize()
+    samples = np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32)
+    data = ArrayData(inputs={"x": samples}, labels=np.zeros(6, dtype=np.int64), axes=length_axes(inputs),
+                     lengths={"seq": np.full(6, 16)})
+
+    class EvalOnly:
+        def eval(self) -> ArrayData:
+            return data
+
+    work = tmp_path / "export"
+    work.mkdir()
+    ctx = PassContext(stage="export", work_dir=work, recipe=None, data=EvalOnly(),  # type: ignore[arg-type]
+                      progress=Progress(quiet=True), threads=1, seed=0)
+    export = ExportOnnx({"exporter": "torchscript", "opset": 17, "verify_lengths": [16, 8, 32]})
+    with pytest.raises(GateFailed) as caught:
+        export.run(artifact, ctx)
+    message = str(caught.value)
+    # At the traced length 16 the export matches PyTorch; at 8 onnxruntime refuses to broadcast the fixed ramp.
+    assert caught.value.exit_code == EXIT_GATE_FAILED and "\n" not in message
+    assert message.startswith("stage 'export': the exported model fails to run at length 8 of dynamic axis 'seq' "
+                              "(Fail: [ONNXRuntimeError]")
+    rows = ctx.details["fidelity"]["lengths"]
+    assert [row["length"] for row in rows] == [16, 8] and rows[0]["within_tolerance"] and "error" in rows[1]

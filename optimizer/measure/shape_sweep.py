@@ -24,6 +24,7 @@ from optimizer.errors import RecipeError
 
 if TYPE_CHECKING:
     from optimizer.data.provider import DataProvider
+    from optimizer.passes.recover import RecoverBatchNormConfig
     from optimizer.recipe import InputSpec, LoadedRecipe, Recipe
 
 # Samples kept for a latency-only point: enough for a round-robin over varied inputs.
@@ -104,7 +105,7 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
             raise RecipeError("evaluate.latency.shape_batchnorm: needs eval and calibration data the toolkit can "
                               "load at each size (an image data set with 'resize', sweeping the resolution)")
     how = ("accuracy and latency at each size on the eval data loaded at that size"
-           if resizable(recipe) is not None and latency.shape_accuracy else "latency at each size")
+           if scores_sizes(recipe) else "latency at each size")
     return f"sizes {', '.join(map(str, latency.shapes))} on {axes.describe()}: {how}"
 
 
@@ -184,9 +185,26 @@ def fit_arrays(arrays: dict[str, np.ndarray], axes: SweptAxes, size: int) -> dic
     return out
 
 
+def scores_sizes(recipe: "Recipe") -> bool:
+    """Whether the measurement process scores accuracy at each size: the eval data loads at any size and the
+    metric needs no baseline outputs (agreement pairs with the baseline's at its own size, which a sweep lacks)."""
+    return (recipe.evaluate.latency.shape_accuracy and recipe.evaluate.accuracy.metric != "agreement"
+            and resizable(recipe) is not None)
+
+
+def batchnorm_settings() -> "RecoverBatchNormConfig":
+    """How a sweep re-estimates BatchNorm statistics at each size: recover.batchnorm's defaults."""
+    from optimizer.passes.recover import RecoverBatchNormConfig
+
+    return RecoverBatchNormConfig()
+
+
 def write_points(loaded: "LoadedRecipe", data: "DataProvider", folder: Path) -> list[dict[str, Any]]:
-    """One .npz per size (inputs, labels and, for BatchNorm re-estimation, calibration images at that size) and
-    what the measurement process needs to know of each."""
+    """One .npz per size and what the measurement process needs to know of each.
+
+    Each .npz holds only what that process reads: at a size accuracy is scored at, the eval set loaded at that
+    size with its labels and, for BatchNorm re-estimation, the calibration samples it reads; at any other size,
+    ``LATENCY_SAMPLES`` eval samples fitted to the size for timing."""
     from optimizer.data.datasets import load_dataset
 
     recipe = loaded.recipe
@@ -195,32 +213,32 @@ def write_points(loaded: "LoadedRecipe", data: "DataProvider", folder: Path) -> 
     if not latency.shapes or axes is None:
         return []
     folder.mkdir(parents=True, exist_ok=True)
-    resize_input = resizable(recipe)
+    scored = scores_sizes(recipe)
     points = []
     for size in latency.shapes:
         inputs = sized_inputs(list(recipe.model.inputs), axes, size)
         arrays: dict[str, np.ndarray] = {}
-        if resize_input is not None and latency.shape_accuracy:
+        if scored:
             spec = resized_spec(recipe.data.eval, size)
             eval_data = load_dataset(spec, inputs=inputs, base_dir=loaded.base_dir, seed=recipe.seed,
                                      where=f"evaluate.latency.shapes ({size}): data.eval")
-            arrays.update(eval_data.inputs)
-            labels, source, accuracy = eval_data.labels, f"data.eval loaded at {size}×{size}", True
+            arrays.update(eval_data.inputs, __labels__=eval_data.labels)
+            source = f"data.eval loaded at {size}×{size}"
+            if latency.shape_batchnorm:
+                spec = resized_spec(recipe.data.calibration, size)
+                calibration = load_dataset(spec, inputs=inputs, base_dir=loaded.base_dir, seed=recipe.seed,
+                                           where=f"evaluate.latency.shapes ({size}): data.calibration")
+                # Re-estimation reads the first samples only (recover.batchnorm's budget): no more are stored.
+                keep = batchnorm_settings().samples(len(calibration))
+                arrays.update({f"__bn__{name}": array[:keep] for name, array in calibration.inputs.items()})
         else:
             eval_data = data.eval()
-            keep = min(len(eval_data), LATENCY_SAMPLES)
-            arrays.update(fit_arrays(eval_data.batch(0, keep), axes, size))
-            labels, accuracy = eval_data.labels[:keep], False
-            source = ("eval samples resampled" if resize_input is not None or not axes.declared
+            arrays.update(fit_arrays(eval_data.batch(0, min(len(eval_data), LATENCY_SAMPLES)), axes, size))
+            source = ("eval samples resampled" if resizable(recipe) is not None or not axes.declared
                       else "eval samples cut or padded with zeros") + f" to {size}"
-        if latency.shape_batchnorm:
-            spec = resized_spec(recipe.data.calibration, size)
-            calibration = load_dataset(spec, inputs=inputs, base_dir=loaded.base_dir, seed=recipe.seed,
-                                       where=f"evaluate.latency.shapes ({size}): data.calibration")
-            arrays.update({f"__bn__{name}": array for name, array in calibration.inputs.items()})
         path = folder / f"size-{size}.npz"
-        np.savez(path, __labels__=labels, **arrays)
-        points.append({"size": size, "npz": str(path), "accuracy": accuracy, "source": source,
+        np.savez(path, **arrays)
+        points.append({"size": size, "npz": str(path), "accuracy": scored, "source": source,
                        "shape": {spec.name: spec.shape for spec in inputs}})
     return points
 

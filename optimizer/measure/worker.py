@@ -320,6 +320,8 @@ def _shape_sweep(runtime, request: dict, batch_size: int, fixed: int | None, *, 
         if timed:
             entry.update({key: timing[key] for key in ("p50_ms", "p50_ci95_ms", "p90_ms", "iterations", "unstable",
                                                        "inputs")})
+            # The shape timed, read from the arrays the timing was fed rather than from the request's plan.
+            entry["shape"] = {name: [batch_size, *array.shape[1:]] for name, array in arrays.items()}
         out.append(entry)
         _progress("shapes", (index + 1) / len(points))
     return out
@@ -338,19 +340,17 @@ class _batchnorm_at:
         module = getattr(self.runtime, "module", None)
         if module is None or not hasattr(module, "named_modules"):
             return f"kept: the {self.runtime.name} artifact has its statistics folded in"
-        import torch
-
-        from optimizer.passes.recover import _batch_bounds, batchnorm_layers, reestimate_batchnorm
+        from optimizer.measure.shape_sweep import batchnorm_settings
+        from optimizer.passes.recover import batchnorm_layers, reestimate_on_samples
 
         layers = batchnorm_layers(module)
         if not layers:
             return "none: the model has no BatchNorm layer"
         self.saved = {k: v.clone() for k, v in module.state_dict().items()}
-        names = [spec.name for spec in self.runtime.artifact.inputs]
-        count = min(len(next(iter(self.arrays.values()))), 20 * 32)  # recover.batchnorm's default budget
-        batches = (tuple(torch.from_numpy(np.ascontiguousarray(self.arrays[n][a:b])) for n in names)
-                   for a, b in _batch_bounds(count, 32))
-        reestimate_batchnorm(module, layers, batches)
+        settings = batchnorm_settings()
+        count = settings.samples(len(next(iter(self.arrays.values()))))
+        reestimate_on_samples(module, layers, lambda a, b: {n: array[a:b] for n, array in self.arrays.items()},
+                              [spec.name for spec in self.runtime.artifact.inputs], count, settings.batch_size)
         return f"re-estimated on {count} data.calibration samples"
 
     def __exit__(self, *exc) -> None:

@@ -152,7 +152,10 @@ def fit_length(batch: dict[str, np.ndarray], axis: "LengthAxis", length: int) ->
 
 def verify_lengths(reference: Any, candidate: Any, eval_data: Any, axes: dict[str, "LengthAxis"],
                    cfg: ExportOnnxConfig) -> list[dict[str, Any]]:
-    """Elementwise comparison of PyTorch and the export at several lengths of each dynamic axis."""
+    """Elementwise comparison of PyTorch and the export at several lengths of each dynamic axis.
+
+    A length the export fails to run at ends the comparison with a row holding the runtime's ``error``: a graph
+    specialized to the traced length refuses the others, which is what this check is there to find."""
     count = min(cfg.verify_length_samples, len(eval_data))
     rows = []
     for name, axis in axes.items():
@@ -161,7 +164,16 @@ def verify_lengths(reference: Any, candidate: Any, eval_data: Any, axes: dict[st
             if not axis.min <= length <= axis.max:
                 continue
             batch = fit_length(eval_data.batch(0, count), axis, length)
-            result = compare_outputs(reference.run(batch), candidate.run(batch), atol=cfg.atol, rtol=cfg.rtol)
+            expected = reference.run(batch)
+            try:
+                got = candidate.run(batch)
+            except MemoryError:
+                raise
+            except Exception as exc:  # onnxruntime raises its own classes (Fail, InvalidArgument, ...)
+                rows.append({"axis": name, "length": int(length), "error": f"{type(exc).__name__}: "
+                             f"{first_line(exc, 400)}", "within_tolerance": False, "samples": count})
+                return rows
+            result = compare_outputs(expected, got, atol=cfg.atol, rtol=cfg.rtol)
             rows.append({"axis": name, "length": int(length), "max_abs_diff": result["max_abs_diff"],
                          "within_tolerance": result["within_tolerance"], "samples": count})
     return rows
@@ -214,6 +226,12 @@ class ExportOnnx(Pass):
             ctx.progress.update("verifying across lengths")
             sweep = verify_lengths(reference_runtime, OnnxRuntime(result, threads=ctx.threads), eval_data, axes, cfg)
             fidelity["lengths"] = sweep
+            failed = next((row for row in sweep if "error" in row), None)
+            if failed is not None:
+                raise GateFailed(
+                    f"stage '{ctx.stage}': the exported model fails to run at length {failed['length']} of dynamic "
+                    f"axis '{failed['axis']}' ({failed['error']}); check the model for code that fixes a length at "
+                    "export (a Python int taken from a shape, say), or narrow model.inputs[].dynamic")
             worst = next((row for row in sweep if not row["within_tolerance"]), None)
             if worst is not None:
                 fidelity["within_tolerance"] = False

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -130,6 +131,34 @@ class RecoverBatchNormConfig(PassConfig):
     batch_size: int = Field(default=32, ge=2,
                             description="Samples per batch (at least 2: batch norm needs two values per channel).")
 
+    def samples(self, available: int) -> int:
+        """How many samples re-estimation reads of a split of ``available``: the first ``batches`` × ``batch_size``."""
+        return min(available, self.batches * self.batch_size)
+
+
+def reestimate_on_samples(model: "nn.Module", layers: list[tuple[str, "nn.Module"]],
+                          take: Callable[[int, int], dict[str, "np.ndarray"]], names: Sequence[str], count: int,
+                          batch_size: int, on_batch: Callable[[int, int], None] | None = None
+                          ) -> tuple[dict[str, tuple["torch.Tensor", "torch.Tensor"]], list[str], int]:
+    """``reestimate_batchnorm`` over the first ``count`` samples in batches of ``batch_size``: what recover.batchnorm
+    and the input-size sweep share. ``take(start, stop)``: those samples as arrays by input name, fed to the model
+    in the order of ``names``; ``on_batch(index, total)`` is called before each batch. Returns (the statistics
+    before, the layers that never ran, the number of batches)."""
+    import numpy as np
+    import torch
+
+    bounds = _batch_bounds(count, batch_size)
+
+    def batches():
+        for index, (start, stop) in enumerate(bounds):
+            if on_batch is not None:
+                on_batch(index, len(bounds))
+            arrays = take(start, stop)
+            yield tuple(torch.from_numpy(np.ascontiguousarray(arrays[name])) for name in names)
+
+    before, unused = reestimate_batchnorm(model, layers, batches())
+    return before, unused, len(bounds)
+
 
 class RecoverBatchNorm(Pass):
     """Re-estimate every BatchNorm layer's running mean and variance on real data.
@@ -167,20 +196,16 @@ class RecoverBatchNorm(Pass):
                              "remove this stage")
 
         data = ctx.data.calibration() if cfg.split == "calibration" else ctx.data.train()
-        count = min(len(data), cfg.batches * cfg.batch_size)
+        count = cfg.samples(len(data))
         if count < 2:
             raise StageError(f"{stage}: data.{cfg.split} has {len(data)} samples; batch norm statistics need "
                              "at least 2")
 
-        bounds = _batch_bounds(count, cfg.batch_size)
+        def on_batch(index: int, total: int) -> None:
+            ctx.progress.update(f"measuring batch norm statistics: batch {index + 1} of {total}", index / total)
 
-        def batches():
-            for index, (start, stop) in enumerate(bounds):
-                ctx.progress.update(f"measuring batch norm statistics: batch {index + 1} of {len(bounds)}",
-                                    index / len(bounds))
-                yield _input_tensors(data.batch(start, stop), artifact)
-
-        before, unused = reestimate_batchnorm(model, layers, batches())
+        before, unused, batch_count = reestimate_on_samples(
+            model, layers, data.batch, [spec.name for spec in artifact.inputs], count, cfg.batch_size, on_batch)
         updated = [(name, m) for name, m in layers if name not in unused]
         if not updated:
             raise StageError(f"{stage}: none of the {len(layers)} BatchNorm layers runs in the model's forward pass")
@@ -191,7 +216,7 @@ class RecoverBatchNorm(Pass):
             **({"not_run": unused} if unused else {}),
             "split": cfg.split,
             "samples": count,
-            "batches": len(bounds),
+            "batches": batch_count,
             "mean_abs_change_running_mean": float(mean_change.mean()),
             "mean_abs_change_running_var": float(var_change.mean()),
         }

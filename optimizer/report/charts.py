@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -333,21 +333,51 @@ def distribution_legend() -> str:
                    (swatch(PALETTE[0], kind="pale"), "median (black bar) and its 95 % interval")])
 
 
-# ------------------------------------------------------------------------------- batch-size sweep
+# ------------------------------------------------------------------------------- batch-size and input-size sweeps
+
+# Margins (left, right, top, bottom) of the two sweep charts, which sit side by side in the page.
+SWEEP_MARGINS = (70, 16, 30, 52)
+
+
+def _no_sweep_data(out: list[str], width: int, height: int) -> str:
+    out.append(text(width / 2, height / 2, "no sweep data", anchor="middle", fill=MUTED))
+    return "".join(out) + "</svg>"
+
+
+def _sweep_lines(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], sx: Scale, sy: Scale, *,
+                 x: Callable[[dict[str, Any]], float], y: Callable[[dict[str, Any]], float],
+                 interval: Callable[[dict[str, Any]], tuple[float, float] | None],
+                 tip: Callable[[str, dict[str, Any]], str], hollow: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """One line per stage through its points (filtered and sorted by the caller), each point a marker with its
+    interval as a whisker and a tooltip. A stage's color and marker shape follow its place in ``series``, as in
+    ``sweep_legend``, also when it has no point."""
+    out = []
+    for k, (name, pts) in enumerate(series):
+        if not pts:
+            continue
+        color = PALETTE[k % len(PALETTE)]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x(p)):.1f},{sy(y(p)):.1f}" for j, p in enumerate(pts))
+        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for p in pts:
+            px, py = sx(x(p)), sy(y(p))
+            ci = interval(p)
+            if ci is not None:
+                out.append(line(px, sy(ci[0]), px, sy(ci[1]), stroke=color, width=1.3))
+            out.append(marker(k, px, py, fill="#fff" if hollow(p) else color, stroke=color, r=4, title=tip(name, p)))
+    return out
 
 
 def sweep_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metric: str,
                 width: int = 540, height: int = 300) -> str:
     """p50 latency (``metric="p50_ms"``, with its 95 % interval) or throughput (``"samples_per_s"``)
     against batch size on a log2 axis, one line per stage. Unstable points are hollow."""
-    left, right, top, bottom = 70, 16, 30, 52
+    left, right, top, bottom = SWEEP_MARGINS
     latency = metric == "p50_ms"
     title = "p50 latency per batch, ms" if latency else "throughput, samples/s"
     out = [svg_open(width, height, f"Batch-size sweep: {title}")]
     sizes = sorted({int(p["batch_size"]) for _, points in series for p in points if p.get("batch_size")})
     if not sizes:
-        out.append(text(width / 2, height / 2, "no sweep data", anchor="middle", fill=MUTED))
-        return "".join(out) + "</svg>"
+        return _no_sweep_data(out, width, height)
     highs = [(p.get("p50_ci95_ms") or [p[metric]] * 2)[1] if latency else p[metric]
              for _, points in series for p in points if p.get(metric) is not None]
     y1 = (max(highs) if highs else 1.0) * 1.12 or 1.0
@@ -371,24 +401,19 @@ def sweep_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metri
     sx = Scale(lo_b / 1.3, hi_b * 1.3, left, width - right, log=2)
     out += axis_y(sy, ticks, left, width - right, title, tick_text=tick_text)
     out += axis_x(sx, sizes, height - bottom, top, "batch size (log scale)", tick_text=[str(s) for s in sizes])
-    for k, (name, points) in enumerate(series):
-        color = PALETTE[k % len(PALETTE)]
-        pts = sorted((p for p in points if p.get(metric) is not None and p.get("batch_size")),
-                     key=lambda p: p["batch_size"])
-        if not pts:
-            continue
-        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(p['batch_size']):.1f},{sy(p[metric]):.1f}"
-                        for j, p in enumerate(pts))
-        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for p in pts:
-            px, py = sx(p["batch_size"]), sy(p[metric])
-            if latency and p.get("p50_ci95_ms"):
-                lo, hi = p["p50_ci95_ms"]
-                out.append(line(px, sy(lo), px, sy(hi), stroke=color, width=1.3))
-            tip = (f"{name}, batch {p['batch_size']}: p50 {p.get('p50_ms', float('nan')):.3f} ms, "
-                   f"{p.get('samples_per_s', float('nan')):,.0f} samples/s"
-                   + (" (unstable)" if p.get("unstable") else ""))
-            out.append(marker(k, px, py, fill="#fff" if p.get("unstable") else color, stroke=color, r=4, title=tip))
+    points = [(name, sorted((p for p in pts if p.get(metric) is not None and p.get("batch_size")),
+                            key=lambda p: p["batch_size"])) for name, pts in series]
+
+    def interval(p: dict[str, Any]) -> tuple[float, float] | None:
+        ci = p.get("p50_ci95_ms") if latency else None
+        return (ci[0], ci[1]) if ci and None not in ci else None
+
+    def tip(name: str, p: dict[str, Any]) -> str:
+        return (f"{name}, batch {p['batch_size']}: p50 {p.get('p50_ms', float('nan')):.3f} ms, "
+                f"{p.get('samples_per_s', float('nan')):,.0f} samples/s" + (" (unstable)" if p.get("unstable") else ""))
+
+    out += _sweep_lines(points, sx, sy, x=lambda p: p["batch_size"], y=lambda p: p[metric], interval=interval,
+                        tip=tip, hollow=lambda p: bool(p.get("unstable")))
     return "".join(out) + "</svg>"
 
 
@@ -398,15 +423,12 @@ def sweep_legend(names: Sequence[str]) -> str:
     return legend(items)
 
 
-# ------------------------------------------------------------------------------- input-size sweep
-
-
 def shape_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metric: str = "p50_ms",
                 percent: bool = True, size_label: str = "input size", width: int = 540, height: int = 300) -> str:
     """p50 latency (``metric="p50_ms"``, with its 95 % interval) or accuracy (``"accuracy"``, with its interval)
     against input size, one line per stage, from ``evaluate.latency.shapes``. Both axes are linear from zero
     for latency, so the chart shows how cost grows with size. Unstable points are hollow."""
-    left, right, top, bottom = 70, 16, 30, 52
+    left, right, top, bottom = SWEEP_MARGINS
     latency = metric == "p50_ms"
     title = "p50 latency, ms" if latency else ("accuracy, %" if percent else "accuracy")
     out = [svg_open(width, height, f"Latency against input size: {title}" if latency
@@ -428,12 +450,18 @@ def shape_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metri
             ci = [c * scale for c in ci] if ci else None
         return (ci[0], ci[1]) if ci and None not in ci else None
 
+    def tip(name: str, p: dict[str, Any]) -> str:
+        tip = f"{name}, size {p['size']}: p50 {p['p50_ms']:.3f} ms" if p.get("p50_ms") is not None else \
+            f"{name}, size {p['size']}"
+        acc = (p.get("accuracy") or {}).get("value")
+        tip += (f", accuracy {acc * scale:.2f}{' %' if percent else ''}" if acc is not None else "")
+        return tip + (" (unstable)" if latency and p.get("unstable") else "")
+
     points = [(name, sorted((p for p in pts if value(p) is not None), key=lambda p: p["size"]))
               for name, pts in series]
     sizes = sorted({int(p["size"]) for _, pts in points for p in pts})
     if not sizes:
-        out.append(text(width / 2, height / 2, "no sweep data", anchor="middle", fill=MUTED))
-        return "".join(out) + "</svg>"
+        return _no_sweep_data(out, width, height)
     highs = [(interval(p) or (value(p), value(p)))[1] for _, pts in points for p in pts]
     lows = [(interval(p) or (value(p), value(p)))[0] for _, pts in points for p in pts]
     if latency:
@@ -445,24 +473,8 @@ def shape_chart(series: Sequence[tuple[str, Sequence[dict[str, Any]]]], *, metri
     sx = Scale(sizes[0] - span * 0.06, sizes[-1] + span * 0.06, left, width - right)
     out += axis_y(sy, nice_ticks(y0, y1, 5), left, width - right, title)
     out += axis_x(sx, sizes, height - bottom, top, size_label, tick_text=[str(s) for s in sizes])
-    for k, (name, pts) in enumerate(points):
-        if not pts:
-            continue
-        color = PALETTE[k % len(PALETTE)]
-        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(p['size']):.1f},{sy(value(p)):.1f}" for j, p in enumerate(pts))
-        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for p in pts:
-            px, py = sx(p["size"]), sy(value(p))
-            ci = interval(p)
-            if ci is not None:
-                out.append(line(px, sy(ci[0]), px, sy(ci[1]), stroke=color, width=1.3))
-            tip = f"{name}, size {p['size']}: p50 {p['p50_ms']:.3f} ms" if p.get("p50_ms") is not None else \
-                f"{name}, size {p['size']}"
-            acc = (p.get("accuracy") or {}).get("value")
-            tip += (f", accuracy {acc * scale:.2f}{' %' if percent else ''}" if acc is not None else "")
-            tip += " (unstable)" if latency and p.get("unstable") else ""
-            hollow = latency and p.get("unstable")
-            out.append(marker(k, px, py, fill="#fff" if hollow else color, stroke=color, r=4, title=tip))
+    out += _sweep_lines(points, sx, sy, x=lambda p: p["size"], y=value, interval=interval, tip=tip,
+                        hollow=lambda p: bool(latency and p.get("unstable")))
     return "".join(out) + "</svg>"
 
 
