@@ -277,3 +277,17 @@ def test_a_torch_chain_timed_through_a_throwaway_export_is_told_how_to_sweep(exa
                                           r"or time the torch stages on PyTorch eager"):
         check_shapes(recipe, forms, "onnxruntime")
     assert "image resolution, torch stages only" in check_shapes(recipe, forms, None)
+
+
+def test_batchnorm_per_size_under_agreement_is_refused_at_validation(example_checkpoint: Path) -> None:
+    """Under metric: agreement a sweep scores no size, so re-estimated statistics would change nothing."""
+    from optimizer.errors import RecipeError
+    from optimizer.measure.shape_sweep import check_shapes
+    from optimizer.recipe import Recipe
+
+    raw = _sweep_recipe(example_checkpoint, shapes=[20, 28], shape_batchnorm=True, runtime="native")
+    raw["evaluate"]["accuracy"] = {"metric": "agreement"}
+    recipe = Recipe.model_validate(raw)
+    with pytest.raises(RecipeError, match=r"^evaluate\.latency\.shape_batchnorm: .*metric: agreement.*drop "
+                                          r"shape_batchnorm$"):
+        check_shapes(recipe, [("baseline", "torch")], None)

@@ -95,6 +95,10 @@ def check_shapes(recipe: "Recipe", forms: list[tuple[str, str]], torch_timed_on:
                     f"(dynamic: {{2: {{name: height, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}, "
                     f"3: {{name: width, min: {min(latency.shapes)}, max: {max(latency.shapes)}}}}}){eager}")
     if latency.shape_batchnorm:
+        if recipe.evaluate.accuracy.metric == "agreement":
+            raise RecipeError("evaluate.latency.shape_batchnorm: the statistics only change accuracy, which a sweep "
+                              "does not score under metric: agreement (it pairs with the baseline's outputs at its "
+                              "own size); drop shape_batchnorm")
         if not latency.shape_accuracy:
             raise RecipeError("evaluate.latency.shape_batchnorm: the statistics only change accuracy, which "
                               "shape_accuracy: false leaves unmeasured; drop one of the two")
