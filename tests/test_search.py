@@ -294,22 +294,31 @@ def test_ray_local_gives_the_same_trials_and_choice_as_the_local_executor(local_
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
 
-@pytest.mark.slow
-def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_path):
-    recipe = search_recipe(example_checkpoint, trials=4)
-    path = write_recipe(tmp_path, recipe)
-    out = tmp_path / "out"
+def _signalled_search(checkpoint: Path, tmp_path: Path, out: Path, *, trials: int, once: str, then: float,
+                      signum: int) -> list[str]:
+    """Start a search in its own process, send it ``signum`` ``then`` seconds after a file matching ``once`` (a
+    glob under ``out``) appears, and check it stopped as interrupted (exit 130, the resume hint). Returns the
+    command, for a resume."""
+    path = write_recipe(tmp_path, search_recipe(checkpoint, trials=trials))
     command = [sys.executable, "-m", "optimizer", "search", str(path), "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=default_sigint)
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list((out / "trials").glob("0001/report.json")):
-        time.sleep(0.5)
-    time.sleep(1.0)  # into the next trial
-    process.send_signal(signal.SIGINT)
+    while time.monotonic() < deadline and not list(out.glob(once)):
+        time.sleep(0.2)
+    time.sleep(then)
+    process.send_signal(signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert b"--resume" in err
+    return command
+
+
+@pytest.mark.slow
+def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    command = _signalled_search(example_checkpoint, tmp_path, out, trials=4, once="trials/0001/report.json",
+                                then=1.0, signum=signal.SIGINT)  # into the next trial
     finished = {t.number: t.datetime_complete for t in _journal_trials(out) if t.state.is_finished()}
     assert finished
     assert subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True).returncode == 0
@@ -324,20 +333,9 @@ def test_sigint_mid_search_then_resume_repeats_no_trial(example_checkpoint, tmp_
 def test_sigterm_mid_trial_stops_the_search_and_its_trial_like_ctrl_c(example_checkpoint, tmp_path):
     """A scheduler's SIGTERM: exit 130 with the resume hint, and no trial process left running (trials run in
     their own process group, which a signal to the search alone never reaches)."""
-    recipe = search_recipe(example_checkpoint, trials=2)
-    path = write_recipe(tmp_path, recipe)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "optimizer", "search", str(path), "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               preexec_fn=default_sigint)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list((out / ".work").glob("*0000.request.json")):
-        time.sleep(0.2)
-    time.sleep(2.0)  # the trial's process is running its chain
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
-    assert b"--resume" in err
+    _signalled_search(example_checkpoint, tmp_path, out, trials=2, once=".work/*0000.request.json", then=2.0,
+                      signum=signal.SIGTERM)  # the trial's process is running its chain
     left = subprocess.run(["pgrep", "-f", str(out / ".work")], capture_output=True, text=True).stdout.split()
     assert not left, f"trial processes still running: {left}"
     assert not (out / "final").exists()
