@@ -190,6 +190,7 @@ def test_budget_gate_stops_the_run_writes_the_report_and_keeps_the_previous_fina
     assert not any(p.name.startswith((".staging", ".old", ".lock")) for p in out.iterdir())
 
 
+@pytest.mark.slow  # kept out of the fast suite for time (about 15-35 s); runs in the slow suite
 def test_budget_failure_exit_code_from_the_cli(example_checkpoint: Path, tmp_path: Path) -> None:
     recipe = quickstart_dict(example_checkpoint, eval_samples=300)
     recipe["stages"] = [{"name": "export", "pass": "export.onnx"},

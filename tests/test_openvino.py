@@ -113,6 +113,7 @@ def test_fp32_openvino_matches_onnx_and_nncf_quantizes_the_ir(fp32_run) -> None:
     assert int8["runtime"]["properties"]["INFERENCE_PRECISION_HINT"] == "f32"
 
 
+@pytest.mark.slow  # kept out of the fast suite for time (about 15-35 s); runs in the slow suite
 def test_accuracy_control_on_the_ir_names_the_operations_it_reverted(example_checkpoint: Path, tmp_path: Path) -> None:
     """The IR path of accuracy control (the MiniLM recipe's): calibration images at half the model's scale make
     plain INT8 lose points on data.validation; the operations NNCF gives back to float are named, and they

@@ -206,6 +206,7 @@ def test_resume_continues_with_no_trial_repeated(local_search, tmp_path):
     assert _run(path, copy, "--resume", "--set", "budget.accuracy_drop=0.02") == 2
 
 
+@pytest.mark.slow  # kept out of the fast suite for time (about 15-35 s); runs in the slow suite
 def test_a_trial_that_raises_is_recorded_and_the_search_goes_on(example_checkpoint, tmp_path):
     recipe = search_recipe(example_checkpoint, trials=3)
     recipe["stages"].insert(1, {"name": "boom", "pass": "python:tests.test_search:Boom", "with": {"explode": True}})
@@ -414,6 +415,7 @@ def test_disk_full_publishing_the_choice_exits_5_keeps_final_and_the_journal(loc
     assert _search_manifest(out)["trial"] == chosen["trial"] and _search_manifest(out)["trials"] == 5
 
 
+@pytest.mark.slow  # kept out of the fast suite for time (about 15-35 s); runs in the slow suite
 def test_disk_full_mid_search_exits_5_and_resume_finishes_it(example_checkpoint, tmp_path, capsys, monkeypatch):
     from tests.test_faults import _fail_fsync_of, one_error_line
 
