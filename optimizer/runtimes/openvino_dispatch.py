@@ -1,13 +1,11 @@
 """Shape buckets inside one OpenVINO model: an If per bucket routes each input to a static-shape copy.
 
 Why one model and not one compiled model per bucket: real traffic alternates between buckets, and
-alternating between separately compiled models is slow. Each compiled model has its own stream thread,
-its own memory and its own repacked copy of the weights; two compiled copies of one bucket, called in
-turn, took 0.13 to 0.3 ms a call more than one copy called twice (MiniLM INT8, 1 thread, batch 1, about
-1.1 ms a call). As bodies of one compiled model the buckets run on one thread and one request, and the
-bucketed MiniLM is markedly faster over the real test snippets in their random order than the same buckets
-compiled apart: benchmarks/workloads.py --workloads minilm-lengths times both next to the by-hand paths.
-(The bodies do not share weights: each still holds its own repacked copy.)
+alternating between separately compiled models is slow (each has its own stream thread, memory and repacked
+copy of the weights). benchmarks/workloads.py --workloads minilm-lengths times both over the real MiniLM test
+snippets in a seeded random order: its `buckets-apart` row (the same IR and buckets, one compiled model each)
+was 1.03-1.32x slower than this one model in every run (README, "Inputs of varied length"). The bodies do not
+share weights either: each still holds its own repacked copy.
 
 The graph, for buckets b1 < b2 < ... < bn over a length axis with bounds min..max:
 
