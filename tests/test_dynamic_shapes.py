@@ -167,6 +167,12 @@ def test_openvino_takes_every_length_in_the_bounds_and_refuses_others(exported, 
     dims = ov.Core().read_model(str(bounded.entry_path)).inputs[0].get_partial_shape()[1]
     assert (dims.get_min_length(), dims.get_max_length()) == (1, 128)
     runtimes = {"bounded": OpenVinoRuntime(bounded, threads=1), "bucketed": OpenVinoRuntime(bucketed, threads=1)}
+    # The four buckets are one compiled model that takes every length in the bounds and routes it with If
+    # operations, not one static model per bucket.
+    one = runtimes["bucketed"].compiled
+    length = one.inputs[0].get_partial_shape()[1]
+    assert (length.get_min_length(), length.get_max_length()) == (1, 128)
+    assert "If" in {op.get_rt_info()["layerType"].astype(str) for op in one.get_runtime_model().get_ops()}
     for length in (1, 2, 15, 16, 17, 40, 64, 100, 128):
         # The real snippet cut to `length` word pieces, ending with [SEP] as a tokenizer would.
         batch = {"input_ids": ids[:, :length].copy(), "attention_mask": mask[:, :length].copy()}

@@ -179,18 +179,17 @@ class OpenVinoRuntime(Runtime):
         first use)."""
         slot = self._slots.get(batch)
         if slot is None:
-            from optimizer.runtimes.openvino_dispatch import dispatch_model
+            from optimizer.runtimes.openvino_dispatch import dispatch_model, fixed_shapes
 
             axis = self._bucket_axis
             assert axis is not None
             model = dispatch_model(self._ov, self.model, self.buckets, axis, batch, self._pad_values)
             slot = self._slots[batch] = _Slot(self._compile(self.performance_hint, self.streams, model))
             for size in self.buckets:  # the first call into a bucket prepares it: never inside a timed call
+                shapes = fixed_shapes(self._ov, model, axis, size, batch)
                 slot.request.infer({port.get_any_name(): np.full(
-                    [batch if d == 0 else (size if (port.get_any_name(), d) in axis.places else int(dim.get_length()))
-                     for d, dim in enumerate(port.get_partial_shape())],
-                    self._pad_values.get(port.get_any_name(), 0.0), dtype=port.get_element_type().to_dtype())
-                    for port in model.inputs})
+                    shapes[port.get_any_name()].to_shape(), self._pad_values.get(port.get_any_name(), 0.0),
+                    dtype=port.get_element_type().to_dtype()) for port in model.inputs})
         return slot
 
     def _compile(self, hint: str, streams: int | None, model: Any = None):
@@ -225,12 +224,10 @@ class OpenVinoRuntime(Runtime):
         return None if dim.is_dynamic else int(dim.get_length())
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.axes:  # bounds checked here, with the bounds in the message; the graph picks the bucket
+            check_bounds(inputs, self.axes, where=f"{self.artifact.path.name} (OpenVINO)")
         if self.buckets:
-            self.route(inputs)  # bounds checked here, with the bounds in the message; the graph picks the bucket
-            batch = self._ir_batch or len(next(iter(inputs.values())))
-            return self._bucket_slot(batch).run(self, inputs)
-        if self.axes:
-            self.route(inputs)
+            return self._bucket_slot(self._ir_batch or len(next(iter(inputs.values())))).run(self, inputs)
         return self._slots[None].run(self, inputs)
 
     def _run_slot(self, slot: "_Slot", inputs: dict[str, np.ndarray]) -> np.ndarray:

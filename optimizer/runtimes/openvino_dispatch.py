@@ -34,7 +34,8 @@ def dispatch_model(ov: Any, base: Any, sizes: Sequence[int], axis: LengthAxis, b
     ops = ov.opset13
     sizes = sorted(int(s) for s in sizes)
     names = [port.get_any_name() for port in base.inputs]
-    outer_shapes = {name: _outer_shape(ov, base, name, axis, batch) for name in names}
+    # What callers feed: the batch fixed, the bucketed axis bounded, every other dimension as in the IR.
+    outer_shapes = fixed_shapes(ov, base, axis, ov.Dimension(axis.min, axis.max), batch)
 
     def parameters() -> list[Any]:
         params = []
@@ -72,19 +73,9 @@ def dispatch_model(ov: Any, base: Any, sizes: Sequence[int], axis: LengthAxis, b
     return routed(sizes)
 
 
-def _outer_shape(ov: Any, base: Any, name: str, axis: LengthAxis, batch: int) -> Any:
-    """The shape callers feed: the batch fixed, the bucketed axis bounded, every other dimension as in the IR."""
-    port = next(p for p in base.inputs if p.get_any_name() == name)
-    dims = list(port.get_partial_shape())
-    dims[0] = ov.Dimension(batch)
-    for input_name, index in axis.places:
-        if input_name == name:
-            dims[index] = ov.Dimension(axis.min, axis.max)
-    return ov.PartialShape(dims)
-
-
-def fixed_shapes(ov: Any, model: Any, axis: LengthAxis, size: int, batch: int | None) -> dict[str, Any]:
-    """Each input's shape with ``axis`` at ``size`` and the batch at ``batch`` (None: as in the IR)."""
+def fixed_shapes(ov: Any, model: Any, axis: LengthAxis, size: Any, batch: int | None) -> dict[str, Any]:
+    """Each input's shape with ``axis`` at ``size`` (a length, or an ``ov.Dimension`` such as bounds) and the batch
+    at ``batch`` (None: as in the IR)."""
     shapes = {}
     for port in model.inputs:
         dims = list(port.get_partial_shape())
@@ -92,7 +83,7 @@ def fixed_shapes(ov: Any, model: Any, axis: LengthAxis, size: int, batch: int | 
             dims[0] = ov.Dimension(batch)
         for input_name, index in axis.places:
             if input_name == port.get_any_name():
-                dims[index] = ov.Dimension(size)
+                dims[index] = size if isinstance(size, ov.Dimension) else ov.Dimension(size)
         shapes[port.get_any_name()] = ov.PartialShape(dims)
     return shapes
 
